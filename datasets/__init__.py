@@ -1,0 +1,60 @@
+"""Datasets, and the contract every one of them follows so any model, transform and the evaluator work on it.
+
+The contract. `dataset[i]` returns `(image, target)`:
+    image   tv_tensors.Image, uint8 [3, H, W] (the transforms turn it into float in [0, 1])
+    target  dict with
+        boxes     tv_tensors.BoundingBoxes float32 [N, 4], XYXY in pixels of this image, x2 > x1, y2 > y1
+        labels    int64 [N], 1..K for the K classes; 0 is reserved for background and never appears
+        image_id  int, unique within the dataset and stable across runs (predictions are matched to it)
+        area      float32 [N], object area in pixels (the mask area where there is one); COCO's size ranges use it
+        iscrowd   int64 [N], 1 = a crowd or ignored region: scored as "don't care" in evaluation, not trained on
+        masks     (instance segmentation) tv_tensors.Mask uint8 [N, H, W], 1 inside the object
+        keypoints (keypoint detection) float32 [N, J, 3], (x, y, visibility)
+`dataset.get_height_and_width(i)` returns (H, W) without decoding the image: batches are grouped by aspect ratio.
+
+A builder in DATASETS returns (train_dataset, val_dataset, class_names), class_names[k - 1] naming label k.
+To train on your own data, write a Dataset class that returns the contract above and add a builder here.
+"""
+
+import torch
+
+from .pennfudan import CLASSES as PENNFUDAN_CLASSES
+from .pennfudan import PennFudanDataset
+
+
+class Subset(torch.utils.data.Subset):
+    """torch's Subset, plus `get_height_and_width` passed through to the full dataset."""
+
+    def get_height_and_width(self, idx):
+        return self.dataset.get_height_and_width(self.indices[idx])
+
+
+def random_split(num_items, val_size, seed=0):
+    """Seeded, deterministic (train_indices, val_indices) for datasets that come without an official split.
+
+    The same (num_items, val_size, seed) always gives the same split, on any machine and in every process.
+    """
+    if not 0 < val_size < num_items:
+        raise ValueError(f"val_size must be between 1 and {num_items - 1} for {num_items} images, got {val_size}")
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[:-val_size]), sorted(order[-val_size:])
+
+
+def get_pennfudan(root, train_transforms, val_transforms, val_size=50, split_seed=0, download=True):
+    """Penn-Fudan with the tutorial's split: `val_size` random images (50) for validation, the rest for training."""
+    train_full = PennFudanDataset(root, transforms=train_transforms, download=download)
+    val_full = PennFudanDataset(root, transforms=val_transforms)
+    train_idx, val_idx = random_split(len(train_full), val_size, split_seed)
+    return Subset(train_full, train_idx), Subset(val_full, val_idx), list(PENNFUDAN_CLASSES)
+
+
+# --dataset name -> builder(root, train_transforms, val_transforms, **options)
+DATASETS = {
+    "pennfudan": get_pennfudan,
+}
+
+
+def get_dataset(name, root, train_transforms, val_transforms, **options):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name](root, train_transforms, val_transforms, **options)

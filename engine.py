@@ -1,0 +1,201 @@
+"""The training loop (`train_one_epoch`) and COCO evaluation (`evaluate`) for any dataset that follows the contract."""
+
+import contextlib
+import io
+import math
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import utils
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+PER_INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area", "iscrowd")
+
+
+def _to_device(target, device):
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+
+
+def _without_crowd(target):
+    # Crowd / ignored regions are ground truth for evaluation only: torchvision's R-CNN losses have no "ignore"
+    # label, so training on them would teach the model that a crowd is one object.
+    if "iscrowd" not in target or not target["iscrowd"].any():
+        return target
+    keep = target["iscrowd"] == 0
+    return {k: v[keep] if k in PER_INSTANCE_KEYS else v for k, v in target.items()}
+
+
+def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None):
+    """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
+
+    Returns the epoch's mean of each loss (and of lr). A non-finite loss raises FloatingPointError naming the
+    batch's image ids and every loss value, instead of silently training on NaNs.
+    """
+    model.train()
+    metric_logger = utils.MetricLogger()
+    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    warmup = None
+    if epoch == 0:
+        # Fresh heads on pretrained features give large early gradients: ramp the lr up to stay stable.
+        warmup_iters = min(1000, len(data_loader) - 1)
+        if warmup_iters > 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
+
+    for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [_without_crowd(_to_device(t, device)) for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+
+        loss_dict_reduced = utils.reduce_dict(loss_dict)  # averaged over ranks, for logging only
+        loss_value = sum(loss_dict_reduced.values()).item()
+        if not math.isfinite(loss_value):
+            losses = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict_reduced.items())
+            raise FloatingPointError(
+                f"loss is {loss_value} at epoch {epoch} on images {[t['image_id'] for t in targets]} ({losses}).\n"
+                f"  Check those images' boxes, or lower --lr."
+            )
+
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if warmup is not None:
+            warmup.step()
+        metric_logger.update(loss=loss_value, **loss_dict_reduced)
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+    metric_logger.synchronize_between_processes()
+    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _encode_masks(masks):
+    """uint8/bool [N, H, W] -> COCO RLEs with str counts (json-ready)."""
+    rles = mask_util.encode(np.asfortranarray(masks.to(torch.uint8).permute(1, 2, 0).cpu().numpy()))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def _xywh(boxes):
+    boxes = boxes.float().cpu()
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+
+
+def _ground_truth(target, height, width):
+    """One image's COCO 'image' entry and annotations (ids are assigned later)."""
+    anns = []
+    masks = _encode_masks(target["masks"]) if "masks" in target else None
+    for i, (box, label) in enumerate(zip(_xywh(target["boxes"]), target["labels"].tolist())):
+        ann = {"image_id": target["image_id"], "bbox": box, "category_id": label}
+        ann["area"] = float(target["area"][i]) if "area" in target else box[2] * box[3]
+        ann["iscrowd"] = int(target["iscrowd"][i]) if "iscrowd" in target else 0
+        if masks is not None:
+            ann["segmentation"] = masks[i]
+        anns.append(ann)
+    return {"id": target["image_id"], "height": height, "width": width}, anns
+
+
+def _detections(output, image_id):
+    """One image's predictions as COCO result dicts; mask probabilities are cut at 0.5 as torchvision's eval does."""
+    boxes, scores, labels = _xywh(output["boxes"]), output["scores"].tolist(), output["labels"].tolist()
+    masks = _encode_masks(output["masks"][:, 0] > 0.5) if "masks" in output else [None] * len(scores)
+    results = []
+    for box, score, label, mask in zip(boxes, scores, labels, masks):
+        result = {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+        if mask is not None:
+            result["segmentation"] = mask
+        results.append(result)
+    return results
+
+
+def coco_from_records(images, annotations, class_names):
+    """A pycocotools COCO object built in memory (no json file) from image entries and annotations."""
+    for ann_id, ann in enumerate(annotations, start=1):
+        ann["id"] = ann_id
+    coco = COCO()
+    categories = [{"id": k, "name": name} for k, name in enumerate(class_names, start=1)]
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):  # silence "creating index..."
+        coco.createIndex()
+    return coco
+
+
+def per_class_ap(coco_eval, class_names):
+    """AP (IoU .50:.95) and AP50 per category, from COCOeval's precision array [T, R, K, areas, max_dets]."""
+    precision = coco_eval.eval["precision"]
+    table = {}
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        all_iou, iou50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]  # area "all", 100 detections
+        table[class_names[cat_id - 1]] = {
+            "AP": float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else float("nan"),
+            "AP50": float(iou50[iou50 > -1].mean()) if (iou50 > -1).any() else float("nan"),
+        }
+    return table
+
+
+def format_per_class(table, iou_type):
+    lines = [f"{iou_type} AP per class:", f"  {'class':<24} {'AP':>6} {'AP50':>6}"]
+    lines += [f"  {name:<24} {v['AP'] * 100:6.1f} {v['AP50'] * 100:6.1f}" for name, v in table.items()]
+    return "\n".join(lines)
+
+
+@torch.inference_mode()
+def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print_freq=50):
+    """Run the model over `data_loader` and score it with pycocotools (bbox, plus segm for mask models).
+
+    Ground truth is built from the targets the loader yields, so any dataset that follows the contract works.
+    Under torchrun each rank evaluates its share; results are gathered and the duplicates that the sampler's
+    padding adds are dropped, so the numbers equal a single-process evaluation. Returns
+    {"bbox": {"AP": .., "AP50": .., ...}, "bbox_per_class": {name: {"AP": .., "AP50": ..}}, ..., "detections": [...]}
+    """
+    model.eval()
+    metric_logger = utils.MetricLogger()
+    per_image = {}  # image_id -> (image entry, ground-truth annotations, detections)
+    score_masks = True  # segm is scored when the model predicts masks and the dataset has them
+    for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        images = [image.to(device, non_blocking=True) for image in images]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images)
+        for image, target, output in zip(images, targets, outputs):
+            output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
+            score_masks = score_masks and "masks" in output and "masks" in target
+            image_entry, anns = _ground_truth(target, *image.shape[-2:])
+            per_image[target["image_id"]] = (image_entry, anns, _detections(output, target["image_id"]))
+
+    merged = {}
+    for part in utils.all_gather(per_image):  # rank order; a padded duplicate keeps its first copy
+        for image_id, record in part.items():
+            merged.setdefault(image_id, record)
+    images = [record[0] for record in merged.values()]
+    annotations = [ann for record in merged.values() for ann in record[1]]
+    detections = [det for record in merged.values() for det in record[2]]
+    if class_names is None:
+        class_names = [str(k) for k in range(1, max([a["category_id"] for a in annotations], default=0) + 1)]
+
+    iou_types = ["bbox"] + (["segm"] if all(utils.all_gather(score_masks)) else [])
+    coco_gt = coco_from_records(images, annotations, class_names)
+    results = {"detections": detections}
+    for iou_type in iou_types:
+        with contextlib.redirect_stdout(io.StringIO()):
+            # loadRes cannot take an empty list; an untrained model still gets its (zero) table
+            coco_dt = coco_gt.loadRes(detections) if detections else coco_from_records(images, [], class_names)
+        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        with contextlib.redirect_stdout(io.StringIO()):  # keep the summary, drop pycocotools' progress chatter
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        print(f"IoU metric: {iou_type}")
+        coco_eval.summarize()
+        results[iou_type] = dict(zip(STAT_NAMES, (float(s) for s in coco_eval.stats)))
+        results[f"{iou_type}_per_class"] = per_class_ap(coco_eval, class_names)
+        print(format_per_class(results[f"{iou_type}_per_class"], iou_type))
+    return results

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import engine
+import utils
+
+
+class FixedModel(torch.nn.Module):
+    """Returns preset outputs per image_id; the images themselves are ignored."""
+
+    def __init__(self, outputs):
+        super().__init__()
+        self.outputs = outputs
+        self.calls = 0
+
+    def forward(self, images):
+        out = self.outputs[self.calls : self.calls + len(images)]
+        self.calls += len(images)
+        return out
+
+
+def _dataset(num_images=4):
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(num_images):
+        n = 1 + i % 3
+        xy = torch.randint(0, 60, (n, 2), generator=gen).float()
+        wh = torch.randint(10, 40, (n, 2), generator=gen).float()
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = torch.zeros(n, 100, 100, dtype=torch.uint8)
+        for j, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[j, y1:y2, x1:x2] = 1
+        labels = torch.randint(1, 3, (n,), generator=gen)
+        target = {
+            "boxes": boxes,
+            "labels": labels,
+            "masks": masks,
+            "image_id": 10 + i,
+            "area": masks.sum((1, 2)).float(),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+        }
+        items.append((torch.zeros(3, 100, 100), target))
+    return items
+
+
+def _perfect(target):
+    return {
+        "boxes": target["boxes"],
+        "labels": target["labels"],
+        "scores": torch.ones(len(target["labels"])),
+        "masks": target["masks"][:, None].float(),
+    }
+
+
+def test_perfect_predictions_give_ap_1():
+    data = _dataset()
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=utils.collate_fn)
+    model = FixedModel([_perfect(t) for _, t in data])
+    metrics = engine.evaluate(model, loader, torch.device("cpu"), class_names=["a", "b"])
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0)
+    assert metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert set(metrics["bbox_per_class"]) == {"a", "b"}
+    assert all(v["AP"] == pytest.approx(1.0) for v in metrics["bbox_per_class"].values())
+
+
+def test_shifted_boxes_match_pycocotools(tmp_path):
+    data = _dataset(6)
+    outputs = []
+    for i, (_, t) in enumerate(data):
+        out = _perfect(t)
+        out["boxes"] = t["boxes"] + torch.tensor([3.0 * i, -2.0, 3.0 * i, 4.0])  # growing shifts: partial credit
+        out["scores"] = torch.linspace(0.9, 0.5, len(t["labels"]))
+        del out["masks"]
+        outputs.append(out)
+    loader = torch.utils.data.DataLoader(data, batch_size=3, collate_fn=utils.collate_fn)
+    metrics = engine.evaluate(FixedModel(outputs), loader, torch.device("cpu"), class_names=["a", "b"])
+    assert "segm" not in metrics and 0.05 < metrics["bbox"]["AP"] < 0.95
+
+    # The same numbers straight from pycocotools, through json files written independently of engine.py
+    images, anns, dets = [], [], []
+    for (_, t), out in zip(data, outputs):
+        images.append({"id": t["image_id"], "height": 100, "width": 100})
+        for k, (x1, y1, x2, y2) in enumerate(t["boxes"].tolist()):
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": t["image_id"],
+                    "category_id": int(t["labels"][k]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": float(t["area"][k]),
+                    "iscrowd": 0,
+                }
+            )
+        for (x1, y1, x2, y2), s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+            dets.append({"image_id": t["image_id"], "category_id": lab, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
+    gt_file = tmp_path / "gt.json"
+    gt_file.write_text(
+        json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+        )
+    )
+    coco_gt = COCO(str(gt_file))
+    coco_eval = COCOeval(coco_gt, coco_gt.loadRes(dets), "bbox")
+    coco_eval.evaluate()
+    coco_eval.accumulate()
+    coco_eval.summarize()
+    assert [metrics["bbox"][name] for name in engine.STAT_NAMES] == pytest.approx(list(coco_eval.stats))
+
+
+def test_no_detections_gives_zero():
+    data = _dataset(2)
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=utils.collate_fn)
+    metrics = engine.evaluate(FixedModel([empty, empty]), loader, torch.device("cpu"), class_names=["a", "b"])
+    assert metrics["bbox"]["AP"] == 0.0
+
+
+def test_nonfinite_loss_names_images_and_losses():
+    class NaNModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets):
+            return {"loss_classifier": self.w * float("nan"), "loss_box_reg": self.w * 0.5}
+
+    data = _dataset(2)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=utils.collate_fn)
+    model = NaNModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(FloatingPointError, match=r"\[10, 11\].*loss_classifier=nan.*loss_box_reg=0.5"):
+        engine.train_one_epoch(model, optimizer, loader, torch.device("cpu"), 0, 10)
+    assert model.w.item() == 1.0  # the bad step was not applied

@@ -1,0 +1,78 @@
+import pytest
+import torch
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+import models
+from utils import SetupError
+
+SMALL = dict(min_size=64, max_size=96)
+
+
+@pytest.mark.parametrize("name", models.MODELS)
+def test_every_model_builds_for_num_classes(name):
+    model = models.get_model(name, num_classes=3, weights="none", **SMALL)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    assert model.roi_heads.box_predictor.bbox_pred.out_features == 12
+    if name.startswith("maskrcnn"):
+        assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.rand(3, 70, 90)])
+    assert set(out[0]) >= {"boxes", "labels", "scores"}
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="maskrcnn_resnet50_fpn"):
+        models.get_model("yolo", num_classes=2)
+
+
+def _coco_like_file(tmp_path, name):
+    """A 91-class state dict in the layout of torchvision's COCO files (frozen BatchNorm: no num_batches_tracked)."""
+    state = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=91).state_dict()
+    state = {
+        k: v for k, v in state.items() if not (k.startswith("backbone.body.") and k.endswith("num_batches_tracked"))
+    }
+    path = tmp_path / "coco.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_local_coco_file_is_built_like_downloaded_weights(tmp_path):
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    path, state = _coco_like_file(tmp_path, name)
+    model = models.get_model(name, num_classes=4, weights=str(path))
+    loaded = model.state_dict()
+    kept = [k for k in state if not k.startswith(models.HEAD_PREFIXES)]
+    assert all(torch.equal(loaded[k], state[k]) for k in kept)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.backbone.modules())
+    frozen = [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad]
+    assert frozen  # like torchvision with COCO weights: only the last 3 backbone stages train
+
+
+def test_checkpoint_of_this_project_reloads_with_its_classes(tmp_path):
+    name = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    path, _ = _coco_like_file(tmp_path, name)
+    model = models.get_model(name, num_classes=3, weights=str(path))
+    torch.save({"model": model.state_dict(), "class_names": ["a", "b"]}, tmp_path / "ckpt.pth")
+    again = models.get_model(name, num_classes=3, weights=str(tmp_path / "ckpt.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    other = models.get_model(name, num_classes=6, weights=str(tmp_path / "ckpt.pth"))  # new classes: new heads
+    assert other.roi_heads.box_predictor.cls_score.out_features == 6
+    assert torch.equal(other.backbone.fpn.inner_blocks[0][0].weight, model.backbone.fpn.inner_blocks[0][0].weight)
+
+
+def test_offline_weights_say_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty hub cache
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SetupError, match="(?s)--weights none.*--weights FILE.pth"):
+        models.get_model("maskrcnn_resnet50_fpn", num_classes=2, weights="DEFAULT")
+    with pytest.raises(SetupError, match="COCO_V1"):
+        models.get_model("maskrcnn_resnet50_fpn", num_classes=2, weights="NOPE")
+    with pytest.raises(SetupError, match="does not exist"):
+        models.get_model("maskrcnn_resnet50_fpn", num_classes=2, weights=str(tmp_path / "missing.pth"))

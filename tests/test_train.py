@@ -1,0 +1,134 @@
+"""train.main() end to end on a tiny generated dataset and on the real Penn-Fudan (CPU, --weights none)."""
+
+import json
+
+import pytest
+import torch
+
+import train
+
+TINY = ["--weights", "none", "--min-size", "64", "--max-size", "96", "-j", "0", "--print-freq", "5"]
+
+
+def run(*argv):
+    return train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_train_then_test_only(pennfudan_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    metrics = run("--data-path", pennfudan_dir, "--val-size", 3, "--epochs", 1, "--output-dir", out, *TINY)
+    assert set(metrics) >= {"bbox", "segm", "detections"}  # the default model is Mask R-CNN
+    for name in ("checkpoint.pth", "model_0.pth", "best.pth", "args.json", "log.txt", "log.jsonl"):
+        assert (out / name).is_file(), name
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["epoch"] == 0
+    assert {"loss", "loss_classifier", "loss_mask", "lr"} <= set(log[0]["train"]) and "AP" in log[0]["segm"]
+    assert "Epoch: [0]" in (out / "log.txt").read_text()
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)  # plain data only
+    assert checkpoint["class_names"] == ["person"] and checkpoint["epoch"] == 0
+    assert json.loads((out / "args.json").read_text())["model"] == "maskrcnn_resnet50_fpn"
+
+    capsys.readouterr()
+    results = tmp_path / "dets.json"
+    metrics = run(
+        "--data-path",
+        pennfudan_dir,
+        "--val-size",
+        3,
+        "--output-dir",
+        out,
+        "--test-only",
+        "--resume",
+        out / "checkpoint.pth",
+        "--out",
+        results,
+        *TINY,
+    )
+    printed = capsys.readouterr().out
+    assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
+    assert len(json.loads(results.read_text())) == len(metrics["detections"])
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(pennfudan_dir, tmp_path):
+    common = [
+        "--data-path",
+        pennfudan_dir,
+        "--val-size",
+        2,
+        "--model",
+        "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "--lr-step-size",
+        1,
+        *TINY,
+    ]
+    run(*common, "--epochs", 2, "--output-dir", tmp_path / "straight")
+    run(*common, "--epochs", 1, "--output-dir", tmp_path / "stopped")  # "killed" after epoch 0
+    run(*common, "--epochs", 2, "--output-dir", tmp_path / "stopped", "--resume", "auto")
+    straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "stopped" / "checkpoint.pth", weights_only=True)
+    assert resumed["epoch"] == straight["epoch"] == 1
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        straight["optimizer"]["param_groups"][0]["lr"]
+    )
+
+
+def test_offline_first_run_reports_every_missing_thing(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(train.utils.SetupError) as err:
+        run("--output-dir", tmp_path / "run")
+    assert "--data-path DIR" in str(err.value) and "--weights none" in str(err.value)
+
+
+def test_real_pennfudan_mask_rcnn(real_pennfudan, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(
+        "--data-path",
+        real_pennfudan,
+        "--epochs",
+        1,
+        "--output-dir",
+        out,
+        "--weights",
+        "none",
+        "--min-size",
+        128,
+        "--max-size",
+        192,
+        "-j",
+        2,
+        "--print-freq",
+        20,
+    )
+    assert (out / "checkpoint.pth").is_file()
+    printed = capsys.readouterr().out
+    assert "pennfudan: 120 train / 50 val images" in printed and "[59/60]" in printed
+    run(
+        "--data-path",
+        real_pennfudan,
+        "--output-dir",
+        out,
+        "--test-only",
+        "--resume",
+        out / "checkpoint.pth",
+        "--weights",
+        "none",
+        "--min-size",
+        128,
+        "--max-size",
+        192,
+        "-j",
+        2,
+    )
+    printed = capsys.readouterr().out
+    assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed

@@ -1,0 +1,356 @@
+"""Fine-tune a torchvision detector on your data.
+
+    python train.py --dataset pennfudan                                  # tutorial recipe: Mask R-CNN, COCO weights
+    python train.py --dataset pennfudan --data-path DIR --weights none   # offline, from random weights
+    torchrun --nproc_per_node 2 train.py --dataset pennfudan ...          # several processes (GPUs or CPU)
+
+Everything a run writes goes to --output-dir: checkpoint.pth (latest), model_{epoch}.pth, best.pth, args.json,
+log.txt (the console) and log.jsonl (one JSON object per epoch).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+import datasets
+import models
+import transforms
+import utils
+from engine import evaluate, train_one_epoch
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--dataset", default="pennfudan", choices=sorted(datasets.DATASETS), help="dataset (default pennfudan)"
+    )
+    data.add_argument(
+        "--data-path",
+        default=None,
+        type=str,
+        help="dataset root; for pennfudan it defaults to data/PennFudanPed, downloaded when missing",
+    )
+    data.add_argument(
+        "--val-size",
+        default=50,
+        type=int,
+        help="images held out for validation when the dataset has no official split (default 50)",
+    )
+    data.add_argument("--split-seed", default=0, type=int, help="seed of that train/val split (default 0)")
+    data.add_argument(
+        "--data-augmentation",
+        default="hflip",
+        choices=transforms.POLICIES,
+        help="training augmentation policy (default hflip, the tutorial's)",
+    )
+    data.add_argument("-j", "--workers", default=2, type=int, help="data loading processes (default 2)")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default="maskrcnn_resnet50_fpn",
+        choices=models.MODELS,
+        help="detector (default maskrcnn_resnet50_fpn)",
+    )
+    model.add_argument(
+        "--weights",
+        default="DEFAULT",
+        type=str,
+        help="DEFAULT (COCO), a weights enum name, none (random) or a .pth file (default DEFAULT)",
+    )
+    model.add_argument(
+        "--weights-backbone",
+        default="none",
+        type=str,
+        help="ImageNet backbone weights when --weights is none: DEFAULT or none (default none)",
+    )
+    model.add_argument(
+        "--trainable-backbone-layers",
+        default=None,
+        type=int,
+        help="backbone stages to train, 0-5 (default: torchvision's, 3 for pretrained models)",
+    )
+    model.add_argument(
+        "--min-size",
+        default=None,
+        type=int,
+        help="shorter image side fed to the model, px (default: the model's, 800; 320 for *_320_fpn)",
+    )
+    model.add_argument(
+        "--max-size",
+        default=None,
+        type=int,
+        help="cap on the longer image side, px (default: the model's, 1333; 640 for *_320_fpn)",
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per process and step (default 2)")
+    optim.add_argument("--epochs", default=10, type=int, help="training epochs (default 10)")
+    optim.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer (default sgd)")
+    optim.add_argument(
+        "--lr",
+        default=None,
+        type=float,
+        help="learning rate (default 0.005 x total batch / 2: the tutorial's, scaled linearly)",
+    )
+    optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default 0.9)")
+    optim.add_argument("--weight-decay", "--wd", default=5e-4, type=float, help="weight decay (default 0.0005)")
+    optim.add_argument(
+        "--lr-scheduler",
+        default="step",
+        choices=("step", "multistep", "cosine"),
+        help="lr schedule over epochs (default step)",
+    )
+    optim.add_argument("--lr-step-size", default=3, type=int, help="epochs between lr drops for step (default 3)")
+    optim.add_argument(
+        "--lr-steps", default=[8, 11], nargs="+", type=int, help="epochs of the multistep drops (default 8 11)"
+    )
+    optim.add_argument("--lr-gamma", default=0.1, type=float, help="lr factor at each drop (default 0.1)")
+    optim.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPU (default off)")
+
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda or cpu (default cuda when available)",
+    )
+    run.add_argument(
+        "--output-dir", default="work_dirs/run", type=str, help="where the run writes (default work_dirs/run)"
+    )
+    run.add_argument(
+        "--resume",
+        default=None,
+        type=str,
+        help="checkpoint to continue from, or auto (output-dir's checkpoint.pth if present)",
+    )
+    run.add_argument(
+        "--save-interval", default=1, type=int, help="also keep model_{epoch}.pth every N epochs (default 1)"
+    )
+    run.add_argument(
+        "--eval-interval", default=1, type=int, help="validate every N epochs and after the last (default 1)"
+    )
+    run.add_argument("--test-only", action="store_true", help="evaluate (the --resume checkpoint) and exit")
+    run.add_argument("--out", default=None, type=str, help="write the evaluated detections as COCO results json")
+    run.add_argument("--print-freq", default=20, type=int, help="log every N iterations (default 20)")
+    run.add_argument("--seed", default=42, type=int, help="random seed (default 42)")
+    return parser
+
+
+def get_datasets(args):
+    """(train, val, class names) for --dataset, with the train/eval transforms applied."""
+    train_tf = transforms.get_transform(train=True, policy=args.data_augmentation)
+    val_tf = transforms.get_transform(train=False)
+    options = {}
+    if args.dataset == "pennfudan":
+        options = dict(val_size=args.val_size, split_seed=args.split_seed, download=args.data_path is None)
+    root = args.data_path or os.path.join("data", "PennFudanPed")
+    return datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
+
+
+def get_loaders(args, train_set, val_set, world_size, rank):
+    # A DistributedSampler with one replica is a seeded shuffle whose order depends only on (seed, epoch):
+    # resuming at epoch k replays exactly the order the uninterrupted run used.
+    train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
+    batches = torch.utils.data.BatchSampler(train_sampler, args.batch_size, drop_last=len(train_set) >= args.batch_size)
+    if world_size > 1:
+        val_sampler = torch.utils.data.DistributedSampler(val_set, world_size, rank, shuffle=False)
+    else:
+        val_sampler = torch.utils.data.SequentialSampler(val_set)
+    common = dict(num_workers=args.workers, collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"))
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **common)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=val_sampler, **common)
+    return train_loader, val_loader, train_sampler
+
+
+def get_model_sizes(args):
+    """min_size / max_size overrides for the model's internal resize; absent keys keep the model's defaults."""
+    sizes = {"min_size": args.min_size, "max_size": args.max_size}
+    if args.data_augmentation == "multiscale":  # one shorter side per training batch, the largest for evaluation
+        sizes["min_size"] = transforms.MULTISCALE_MIN_SIZES
+    return {k: v for k, v in sizes.items() if v is not None}
+
+
+def get_optimizer(args, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.opt == "adamw":
+        return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def get_lr_scheduler(args, optimizer):
+    if args.lr_scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    if args.lr_scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=args.lr_gamma)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+
+
+def find_resume(args):
+    """--resume auto -> output-dir/checkpoint.pth when it exists (a fresh start otherwise); else the given path."""
+    if args.resume != "auto":
+        if args.resume and not os.path.isfile(args.resume):
+            raise utils.SetupError(f"--resume {args.resume}: no such checkpoint")
+        return args.resume
+    latest = os.path.join(args.output_dir, "checkpoint.pth")
+    return latest if os.path.isfile(latest) else None
+
+
+def check_args(args):
+    """Flag combinations that cannot work, refused before any heavy work."""
+    if args.test_only and not args.resume and str(args.weights).lower() in ("none", "default"):
+        print("Note: --test-only without --resume evaluates the --weights model as built (its heads are untrained)")
+    if args.batch_size < 1 or args.epochs < 0 or args.eval_interval < 1 or args.save_interval < 1:
+        raise utils.SetupError("--batch-size, --eval-interval and --save-interval must be >= 1, --epochs >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise utils.SetupError("--device cuda, but torch sees no CUDA GPU; pass --device cpu")
+
+
+def main(args):
+    check_args(args)
+    distributed, rank, world_size, _ = utils.init_distributed_mode(args.device)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device.startswith("cuda") else args.device)
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    restore_print = utils.setup_logging(rank == 0, os.path.join(args.output_dir, "log.txt"))
+    try:
+        return _run(args, distributed, rank, world_size, device)
+    finally:
+        restore_print()
+
+
+def _run(args, distributed, rank, world_size, device):
+    if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
+        args.lr = 0.005 * world_size * args.batch_size / 2
+        print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images / 2 = {args.lr:g} (linear scaling)")
+    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} " + " ".join(sys.argv))
+    print(json.dumps(vars(args), sort_keys=True))
+    utils.seed_everything(args.seed + rank)
+
+    print("Loading data")
+    resume = find_resume(args)
+    # Fetch (or find) the data and the weights before anything else, and report every missing one at once.
+    problems = []
+    try:
+        train_set, val_set, class_names = get_datasets(args)
+    except utils.SetupError as e:
+        problems.append(str(e))
+    if not resume and args.model in models.TORCHVISION_MODELS:
+        try:
+            models.resolve_weights(args.model, args.weights)
+        except utils.SetupError as e:
+            problems.append(str(e))
+    if problems:
+        raise utils.SetupError("\n".join(problems))
+    print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
+    train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
+
+    print("Creating model")
+    # A checkpoint holds the whole model, so resuming rebuilds from it and needs no COCO download.
+    model = models.get_model(
+        args.model,
+        num_classes=len(class_names) + 1,  # + background
+        weights=resume or args.weights,
+        weights_backbone=None if args.weights_backbone == "none" else args.weights_backbone,
+        trainable_backbone_layers=args.trainable_backbone_layers,
+        **get_model_sizes(args),
+    )
+    model.to(device)
+    model_without_ddp = model
+    if distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.index is not None else None
+        )
+        model_without_ddp = model.module
+
+    optimizer = get_optimizer(args, model_without_ddp)
+    lr_scheduler = get_lr_scheduler(args, optimizer)
+    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    start_epoch, best_ap = 0, -1.0
+    if resume:
+        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+        if not args.test_only:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, best_ap = checkpoint["epoch"] + 1, checkpoint.get("best_ap", -1.0)
+        print(
+            f"Resumed from {resume} (epoch {checkpoint['epoch']}); continuing at epoch {start_epoch} of {args.epochs}"
+        )
+
+    if args.test_only:
+        metrics = evaluate(model, val_loader, device, class_names=class_names, amp_dtype=amp_dtype)
+        write_detections(args.out, metrics)
+        return metrics
+
+    def checkpoint_state(epoch):
+        return {
+            "model": model_without_ddp.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "best_ap": best_ap,
+            "class_names": list(class_names),
+            "args": {k: v for k, v in vars(args).items()},  # plain values only: loads with weights_only=True
+        }
+
+    if rank == 0:
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    print("Start training")
+    start_time = time.time()
+    metrics = {}
+    for epoch in range(start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch)
+        # Reseed per epoch so the augmentation stream depends on (seed, epoch) only, not on what ran before:
+        # a run resumed at this epoch sees the same random flips as one that never stopped.
+        utils.seed_everything(args.seed + 1000 * epoch + rank)
+        train_stats = train_one_epoch(model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype)
+        lr_scheduler.step()
+
+        metrics = {}
+        if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
+            metrics = evaluate(model, val_loader, device, class_names=class_names, amp_dtype=amp_dtype)
+        ap = metrics.get("bbox", {}).get("AP", -1.0)
+        is_best = ap > best_ap
+        best_ap = max(best_ap, ap)
+
+        state = checkpoint_state(epoch)
+        utils.save_on_master(state, os.path.join(args.output_dir, "checkpoint.pth"))
+        if (epoch + 1) % args.save_interval == 0:
+            utils.save_on_master(state, os.path.join(args.output_dir, f"model_{epoch}.pth"))
+        if is_best:
+            utils.save_on_master(state, os.path.join(args.output_dir, "best.pth"))
+        log = {"epoch": epoch, "train": train_stats, **{k: v for k, v in metrics.items() if k != "detections"}}
+        if rank == 0:
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(log) + "\n")
+
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    write_detections(args.out, metrics)
+    return metrics
+
+
+def write_detections(path, metrics):
+    if path and utils.is_main_process() and "detections" in metrics:
+        with open(path, "w") as f:
+            json.dump(metrics["detections"], f)
+        print(f"Wrote {len(metrics['detections'])} detections to {path}")
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except utils.SetupError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,50 @@
+"""Train and eval presets on torchvision.transforms.v2.
+
+Datasets return tv_tensors (Image, BoundingBoxes, Mask), so every v2 transform moves boxes, masks and keypoints
+together with the pixels: nothing here touches a coordinate by hand. Resizing to the model's input size is not
+done here: the R-CNN models resize inside (GeneralizedRCNNTransform, min_size 800 / max_size 1333 by default).
+"""
+
+import torch
+from torchvision.transforms import v2 as T
+
+# --data-augmentation policies. "multiscale" is not a transform: the model's own resize would undo any resize
+# done here, so train.py passes it to the model as a range of min_size values (see MULTISCALE_MIN_SIZES).
+POLICIES = ("hflip", "photometric", "multiscale", "lsj")
+MULTISCALE_MIN_SIZES = tuple(range(480, 801, 32))  # shorter side in pixels, one picked per training batch
+
+
+def _labels_and_per_box_fields(inputs):
+    # SanitizeBoundingBoxes drops a box together with every tensor returned here (masks are found on their own)
+    target = inputs[1]
+    return tuple(target[k] for k in ("labels", "area", "iscrowd") if k in target)
+
+
+def _finish(train):
+    steps = []
+    if train:
+        # Clip boxes pushed past the border by a crop, then drop those left degenerate (< 1 px wide or high).
+        steps += [T.ClampBoundingBoxes(), T.SanitizeBoundingBoxes(labels_getter=_labels_and_per_box_fields)]
+    # uint8 [0, 255] -> float32 [0, 1]; the model normalises with ImageNet mean/std itself
+    return steps + [T.ToDtype(torch.float32, scale=True), T.ToPureTensor()]
+
+
+def get_transform(train, policy="hflip", hflip_prob=0.5, lsj_size=1024):
+    """The transform applied to (image, target) pairs; `train=False` only converts the image to float.
+
+    Policies: hflip (the tutorial's), photometric (hflip + colour jitter), multiscale (hflip here, sizes in the
+    model), lsj (large-scale jitter: resize by 0.1-2.0x of lsj_size, then crop/pad to lsj_size x lsj_size, + hflip).
+    """
+    if not train:
+        return T.Compose(_finish(train=False))
+    if policy not in POLICIES:
+        raise ValueError(f"unknown data augmentation {policy!r}; choose one of: {', '.join(POLICIES)}")
+    steps = [T.RandomHorizontalFlip(hflip_prob)]
+    if policy == "photometric":
+        steps.append(T.RandomPhotometricDistort(p=0.5))
+    elif policy == "lsj":
+        steps = [
+            T.ScaleJitter(target_size=(lsj_size, lsj_size), scale_range=(0.1, 2.0), antialias=True),
+            T.RandomCrop(lsj_size, pad_if_needed=True),
+        ] + steps
+    return T.Compose(steps + _finish(train=True))

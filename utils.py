@@ -1,0 +1,267 @@
+"""Logging, batching, seeding, checkpoint and distributed helpers shared by train.py and engine.py.
+
+Every distributed helper is harmless in a single process: `get_world_size()` is 1, `reduce_dict`
+returns its input and `all_gather` returns a one-element list.
+"""
+
+import datetime
+import os
+import random
+import subprocess
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class SmoothedValue:
+    """Tracks a series of values: the median/average of a recent window and the global average."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum count and total over ranks so `global_avg` is the average of the whole run (the window stays local)."""
+        if get_world_size() == 1:
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self):
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self):
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
+
+
+class MetricLogger:
+    """A dict of SmoothedValues that prints torchvision's familiar progress line every `print_freq` steps."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __getattr__(self, name):
+        if name in self.__dict__.get("meters", {}):
+            return self.meters[name]
+        raise AttributeError(f"'MetricLogger' object has no attribute '{name}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable, print_freq, header=""):
+        """Yield from `iterable`, printing `header [i/N] eta ... meters ... time data max mem` as it goes."""
+        total = len(iterable)
+        width = len(str(total))
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        start = end = time.time()
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [f"{header} [{i:>{width}}/{total}]", f"eta: {eta}", str(self)]
+                parts += [f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+                print(self.delimiter.join(p for p in parts if p))
+            end = time.time()
+        total_time = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")
+
+
+def collate_fn(batch):
+    """Detection batches are lists: images differ in size and targets in box count, so nothing is stacked."""
+    return tuple(zip(*batch))
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices) so a run can be repeated exactly on CPU."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path):
+    """torch.save that never leaves a half-written file: write a temp file, fsync, then rename over `path`.
+
+    A kill or a full disk at any moment leaves the previous file at `path` intact and loadable.
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one filesystem
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(dir_fd)
+
+
+# ----------------------------------------------------------------------------------------- distributed
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def save_on_master(obj, path):
+    if is_main_process():
+        atomic_save(obj, path)
+
+
+def _collective_device():
+    # nccl only moves CUDA tensors, gloo only CPU ones
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def reduce_dict(input_dict, average=True):
+    """Average (or sum) a dict of scalar tensors over all ranks, for logging losses every rank agrees on."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict)
+        values = torch.stack([input_dict[k].detach().float() for k in names]).to(_collective_device())
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return {k: v for k, v in zip(names, values)}
+
+
+def all_gather(obj):
+    """Gather any picklable object from every rank; returns the list ordered by rank."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _slurm_master_addr(nodelist):
+    """First host of a SLURM node list such as 'gpu[01-04],cpu7' (scontrol expands the ranges)."""
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return hosts.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]  # a single-node list is already a host name
+
+
+def init_distributed_mode(device="cuda", dist_url="env://"):
+    """Join the process group that torchrun or srun set up; returns (distributed, rank, world_size, local_rank).
+
+    torchrun exports RANK, WORLD_SIZE and LOCAL_RANK; srun exports SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID,
+    and we derive MASTER_ADDR from SLURM_NODELIST, so one train.py runs under both. The backend is nccl for
+    CUDA and gloo for CPU. Started as plain `python train.py`, this is a no-op.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        rank, world_size, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+        env.setdefault("MASTER_ADDR", _slurm_master_addr(env.get("SLURM_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_PORT", "29500")
+        env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    else:
+        return False, 0, 1, 0
+    backend = "gloo"
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
+    dist.barrier()
+    return True, rank, world_size, local_rank
+
+
+class SetupError(Exception):
+    """A problem the user fixes (a missing file, a bad flag): train.py prints it as one message, no traceback."""
+
+
+def setup_logging(is_master, log_file=None):
+    """Only rank 0 prints (others only with print(..., force=True)); rank 0 also appends what it prints to `log_file`.
+
+    Returns a function that puts the original print back (tests call main() many times in one process).
+    """
+    import builtins
+
+    builtin_print = builtins.print
+    log = open(log_file, "a", buffering=1) if is_master and log_file else None
+
+    def print(*args, force=False, **kwargs):
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+            if log is not None and kwargs.get("file") is None:
+                builtin_print(*args, **kwargs, file=log)
+
+    def restore():
+        builtins.print = builtin_print
+        if log is not None:
+            log.close()
+
+    builtins.print = print
+    return restore
