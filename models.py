@@ -172,7 +172,10 @@ def get_model(name, num_classes, weights="DEFAULT", weights_backbone=None, train
             model = builder(weights="DEFAULT", **common)
         replace_predictors(model, state["roi_heads.box_predictor.cls_score.weight"].shape[0])
         model.load_state_dict(state)
-    if model.roi_heads.box_predictor.cls_score.out_features != num_classes:
+    file_classes = model.roi_heads.box_predictor.cls_score.out_features
+    if file_classes != num_classes:
+        skipped = ", ".join(sorted(k for k in state if k.startswith(HEAD_PREFIXES)))
+        print(f"{weights} has {file_classes} classes, the model {num_classes}: new predictors replace {skipped}")
         replace_predictors(model, num_classes)
     return model
 

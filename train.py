@@ -21,6 +21,7 @@ import datasets
 import models
 import transforms
 import utils
+from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 
 
@@ -51,6 +52,12 @@ def get_args_parser():
         help="training augmentation policy (default hflip, the tutorial's)",
     )
     data.add_argument("-j", "--workers", default=2, type=int, help="data loading processes (default 2)")
+    data.add_argument(
+        "--aspect-ratio-group-factor",
+        default=3,
+        type=int,
+        help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -76,6 +83,15 @@ def get_args_parser():
         default=None,
         type=int,
         help="backbone stages to train, 0-5 (default: torchvision's, 3 for pretrained models)",
+    )
+    model.add_argument(
+        "--sync-bn", action="store_true", help="synchronise trainable BatchNorm across processes (default off)"
+    )
+    model.add_argument(
+        "--box-score-thresh",
+        default=0.05,
+        type=float,
+        help="detections scoring below this are dropped before evaluation (default 0.05, torchvision's)",
     )
     model.add_argument(
         "--min-size",
@@ -131,6 +147,12 @@ def get_args_parser():
         help="checkpoint to continue from, or auto (output-dir's checkpoint.pth if present)",
     )
     run.add_argument(
+        "--load-from",
+        default=None,
+        type=str,
+        help="start from this checkpoint's weights (any class count) at epoch 0 with a fresh optimizer",
+    )
+    run.add_argument(
         "--save-interval", default=1, type=int, help="also keep model_{epoch}.pth every N epochs (default 1)"
     )
     run.add_argument(
@@ -158,7 +180,11 @@ def get_loaders(args, train_set, val_set, world_size, rank):
     # A DistributedSampler with one replica is a seeded shuffle whose order depends only on (seed, epoch):
     # resuming at epoch k replays exactly the order the uninterrupted run used.
     train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
-    batches = torch.utils.data.BatchSampler(train_sampler, args.batch_size, drop_last=len(train_set) >= args.batch_size)
+    if args.aspect_ratio_group_factor >= 0:
+        groups = aspect_ratio_groups(train_set, args.aspect_ratio_group_factor)
+        batches = GroupedBatchSampler(train_sampler, groups, args.batch_size)
+    else:
+        batches = torch.utils.data.BatchSampler(train_sampler, args.batch_size, drop_last=True)
     if world_size > 1:
         val_sampler = torch.utils.data.DistributedSampler(val_set, world_size, rank, shuffle=False)
     else:
@@ -169,9 +195,9 @@ def get_loaders(args, train_set, val_set, world_size, rank):
     return train_loader, val_loader, train_sampler
 
 
-def get_model_sizes(args):
-    """min_size / max_size overrides for the model's internal resize; absent keys keep the model's defaults."""
-    sizes = {"min_size": args.min_size, "max_size": args.max_size}
+def get_model_options(args):
+    """Keyword arguments for the model: its internal resize and score threshold (absent keys keep its defaults)."""
+    sizes = {"min_size": args.min_size, "max_size": args.max_size, "box_score_thresh": args.box_score_thresh}
     if args.data_augmentation == "multiscale":  # one shorter side per training batch, the largest for evaluation
         sizes["min_size"] = transforms.MULTISCALE_MIN_SIZES
     return {k: v for k, v in sizes.items() if v is not None}
@@ -208,6 +234,8 @@ def check_args(args):
         print("Note: --test-only without --resume evaluates the --weights model as built (its heads are untrained)")
     if args.batch_size < 1 or args.epochs < 0 or args.eval_interval < 1 or args.save_interval < 1:
         raise utils.SetupError("--batch-size, --eval-interval and --save-interval must be >= 1, --epochs >= 0")
+    if args.resume and args.load_from:
+        raise utils.SetupError("--resume continues a run, --load-from starts a new one from its weights: pass one")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise utils.SetupError("--device cuda, but torch sees no CUDA GPU; pass --device cpu")
 
@@ -241,7 +269,7 @@ def _run(args, distributed, rank, world_size, device):
         train_set, val_set, class_names = get_datasets(args)
     except utils.SetupError as e:
         problems.append(str(e))
-    if not resume and args.model in models.TORCHVISION_MODELS:
+    if not resume and not args.load_from and args.model in models.TORCHVISION_MODELS:
         try:
             models.resolve_weights(args.model, args.weights)
         except utils.SetupError as e:
@@ -249,6 +277,11 @@ def _run(args, distributed, rank, world_size, device):
     if problems:
         raise utils.SetupError("\n".join(problems))
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
+    if len(train_set) < args.batch_size * world_size:
+        raise utils.SetupError(
+            f"{len(train_set)} training images cannot fill one batch of {args.batch_size} x {world_size} processes; "
+            f"lower --batch-size or --val-size"
+        )
     train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
 
     print("Creating model")
@@ -256,12 +289,14 @@ def _run(args, distributed, rank, world_size, device):
     model = models.get_model(
         args.model,
         num_classes=len(class_names) + 1,  # + background
-        weights=resume or args.weights,
+        weights=resume or args.load_from or args.weights,
         weights_backbone=None if args.weights_backbone == "none" else args.weights_backbone,
         trainable_backbone_layers=args.trainable_backbone_layers,
-        **get_model_sizes(args),
+        **get_model_options(args),
     )
     model.to(device)
+    if distributed and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
     model_without_ddp = model
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(

@@ -132,3 +132,52 @@ def test_real_pennfudan_mask_rcnn(real_pennfudan, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed
+
+
+def test_load_from_a_checkpoint_with_other_classes(pennfudan_dir, tmp_path, capsys):
+    common = ["--data-path", pennfudan_dir, "--val-size", 2, "--model", "fasterrcnn_mobilenet_v3_large_320_fpn", *TINY]
+    run(*common, "--epochs", 1, "--output-dir", tmp_path / "first")
+    first = torch.load(tmp_path / "first" / "checkpoint.pth", weights_only=True)
+    # Pretend the first run had 3 classes: its predictor no longer fits Penn-Fudan's 1 + background.
+    first["model"]["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(4, 1024)
+    first["model"]["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(4)
+    first["model"]["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(16, 1024)
+    first["model"]["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(16)
+    torch.save(first, tmp_path / "other_classes.pth")
+    capsys.readouterr()
+    run(
+        *common,
+        "--epochs",
+        1,
+        "--output-dir",
+        tmp_path / "second",
+        "--load-from",
+        tmp_path / "other_classes.pth",
+        "--lr",
+        0.0,
+    )  # lr 0: the loaded backbone must come out unchanged
+    assert "new predictors replace roi_heads.box_predictor.bbox_pred.bias" in capsys.readouterr().out
+    second = torch.load(tmp_path / "second" / "checkpoint.pth", weights_only=True)
+    assert second["epoch"] == 0  # a new run, not a continuation
+    assert second["model"]["roi_heads.box_predictor.cls_score.weight"].shape == (2, 1024)
+    key = "backbone.fpn.inner_blocks.0.0.weight"
+    assert torch.equal(second["model"][key], first["model"][key])
+    with pytest.raises(train.utils.SetupError, match="pass one"):
+        run(*common, "--resume", "auto", "--load-from", tmp_path / "other_classes.pth", "--output-dir", tmp_path)
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    train.utils.atomic_save({"epoch": 1}, path)
+    real_save = torch.save
+
+    def disk_full(obj, f):
+        real_save(obj, f)
+        f.truncate(10)  # half-written
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        train.utils.atomic_save({"epoch": 2}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temp file left behind

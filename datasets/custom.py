@@ -1,0 +1,177 @@
+"""mmdetection's "middle format": one list of per-image dicts, what mmdetection's CustomDataset reads.
+
+    [{"filename": "a.jpg", "width": 640, "height": 480,
+      "ann": {"bboxes": [[x1, y1, x2, y2], ...],   # (n, 4) XYXY pixels
+              "labels": [0, ...],                  # (n,) 0-based class indices, as mmdetection numbers them
+              "bboxes_ignore": [[...], ...],       # optional (k, 4): regions neither rewarded nor penalised
+              "labels_ignore": [...]}}, ...]       # (k,)
+read from .json, or from a .pkl (mmcv.dump's output, holding numpy arrays). Labels become 1..K (mmdetection's
+label + 1, since 0 is background here) and ignored boxes become iscrowd=1 instances.
+
+A pickle can run any code while it loads, so .pkl files go through an unpickler that builds numpy arrays and plain
+containers only, and refuses everything else.
+"""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+
+from utils import SetupError
+
+from .coco import BoxChecker, load_json
+from .pennfudan import read_image
+
+# The only globals a .pkl of arrays, lists and dicts needs. numpy rebuilds arrays with _reconstruct (pickle
+# protocols 0-4) or _frombuffer (protocol 5) and scalars such as np.int64 widths with scalar; numpy 2 moved
+# numpy.core to numpy._core, and files written under either must load. Protocol 2 (mmcv's default) stores bytes
+# through _codecs.encode (bytes() when empty) and names the builtins module __builtin__.
+SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+} | {(module, name) for module in ("builtins", "__builtin__") for name in ("bytes", "bytearray", "set", "frozenset")}
+
+
+class ArraysOnlyUnpickler(pickle.Unpickler):
+    """An Unpickler that resolves only SAFE_GLOBALS: a .pkl asking for anything else (os.system, a class of
+    yours) is refused before that thing is imported, let alone called."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in SAFE_GLOBALS:
+            raise SetupError(
+                f"{self.path} asks to load {module}.{name}: a .pkl can run any code when loaded, so only numpy "
+                f"arrays and plain lists and dicts are read from it.\n"
+                f"  Save the annotations as .json instead (json.dump, after .tolist() on the arrays)."
+            )
+        return super().find_class(module, name)
+
+
+def load_middle_format(path):
+    """The list of per-image dicts in a .json or .pkl file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        data = load_json(path)
+    elif path.suffix in (".pkl", ".pickle"):
+        try:
+            with open(path, "rb") as f:
+                data = ArraysOnlyUnpickler(f, path).load()
+        except FileNotFoundError:
+            raise SetupError(f"annotation file {path} not found; check the path you passed") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+            raise SetupError(f"{path} is not a readable pickle ({e}); re-export it, preferably as .json") from None
+    else:
+        raise SetupError(f"{path}: expected a .json or .pkl file in mmdetection's middle format")
+    if not isinstance(data, list):
+        raise SetupError(f"{path}: expected a list of per-image dicts (mmdetection's middle format)")
+    return data
+
+
+def _boxes_and_labels(ann, box_key, label_key, where):
+    """float32 [n, 4] and int64 [n] arrays from ann[box_key] and ann[label_key] (empty when both are absent)."""
+    try:
+        boxes = np.asarray(ann.get(box_key, []), dtype=np.float32).reshape(-1, 4)
+        labels = np.asarray(ann.get(label_key, []), dtype=np.int64).reshape(-1)
+    except ValueError:
+        raise SetupError(f"{where}: {box_key} must be (n, 4) numbers and {label_key} (n,) integers") from None
+    if len(boxes) != len(labels):
+        raise SetupError(f"{where}: {len(boxes)} {box_key} but {len(labels)} {label_key}; give one label per box")
+    return boxes, labels
+
+
+class CustomDataset(torch.utils.data.Dataset):
+    """Items are (image, target) following the contract in datasets/__init__.py; image_id is the index in the list.
+
+    `classes` are the K class names, classes[k] naming mmdetection's label k (our label k + 1).
+    """
+
+    def __init__(self, ann_file, img_prefix, classes, transforms=None):
+        self.ann_file = Path(ann_file)
+        self.img_prefix = Path(img_prefix)
+        self.classes = list(classes)
+        self.transforms = transforms
+        checker = BoxChecker(self.ann_file)
+        self.items = []  # per image: path, size, and its kept boxes, labels and iscrowd
+        for index, entry in enumerate(load_middle_format(self.ann_file)):
+            where = f"{self.ann_file}, entry {index}"
+            try:
+                filename, width, height = entry["filename"], int(entry["width"]), int(entry["height"])
+            except (KeyError, TypeError) as e:
+                raise SetupError(f"{where}: every entry needs filename, width and height ({e!r})") from None
+            # Paths come from the annotation file: keep them inside img_prefix, whoever wrote that file
+            if Path(filename).is_absolute() or ".." in Path(filename).parts:
+                raise SetupError(f"{where}: filename {filename!r} must be a relative path inside {self.img_prefix}")
+            ann = entry.get("ann", {})  # test-set files have no "ann"
+            boxes, labels = _boxes_and_labels(ann, "bboxes", "labels", where)
+            ignore_boxes, ignore_labels = _boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where)
+            iscrowd = torch.tensor([0] * len(boxes) + [1] * len(ignore_boxes), dtype=torch.int64)
+            boxes = torch.from_numpy(np.concatenate([boxes, ignore_boxes]))
+            labels = np.concatenate([labels, ignore_labels])
+            if ((labels < 0) | (labels >= len(self.classes))).any():
+                raise SetupError(
+                    f"{where}: labels must be 0..{len(self.classes) - 1} (0-based, one per class name), "
+                    f"found {sorted(set(labels.tolist()))}; pass every class name in classes"
+                )
+            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, keep = checker(boxes, valid, height, width, filename)
+            self.items.append(
+                {
+                    "path": self.img_prefix / filename,
+                    "height": height,
+                    "width": width,
+                    "boxes": boxes[keep],
+                    "labels": torch.from_numpy(labels + 1)[keep],
+                    "iscrowd": iscrowd[keep],
+                }
+            )
+        missing = [str(item["path"]) for item in self.items if not item["path"].is_file()]
+        if missing:
+            raise SetupError(
+                f"{len(missing)} images listed in {self.ann_file} are missing, first: {missing[0]}.\n"
+                f"  img_prefix must be the folder the filenames are relative to."
+            )
+        checker.warn()
+
+    def __len__(self):
+        return len(self.items)
+
+    def get_height_and_width(self, idx):
+        item = self.items[idx]
+        return item["height"], item["width"]
+
+    def __getitem__(self, idx):
+        item = self.items[idx]
+        height, width = item["height"], item["width"]
+        image = read_image(item["path"], "RGB")  # uint8 [3, H, W]
+        if image.shape[-2:] != (height, width):
+            raise SetupError(
+                f"{item['path']} is {image.shape[2]}x{image.shape[1]} pixels but {self.ann_file} says "
+                f"{width}x{height}; fix that entry's width and height"
+            )
+        boxes = item["boxes"].clone()  # a copy: a transform must never edit the stored boxes
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": item["labels"].clone(),
+            "image_id": idx,
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": item["iscrowd"].clone(),
+        }
+        image = tv_tensors.Image(image)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self):
+        return f"CustomDataset(ann_file={str(self.ann_file)!r}, {len(self)} images, {len(self.classes)} classes)"

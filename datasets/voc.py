@@ -1,0 +1,188 @@
+"""Pascal VOC layout: PASCAL VOC 2007/2012, labelImg's output and many small public datasets (BCCD, for one).
+
+    root/JPEGImages/<id>.jpg
+    root/Annotations/<id>.xml         <annotation> <size><width/><height/></size>
+                                        <object><name/><difficult/><bndbox><xmin/><ymin/><xmax/><ymax/></bndbox></object>
+    root/ImageSets/Main/<split>.txt   one <id> per line (train, val, trainval, test)
+
+VOC numbers pixels from 1 and includes both ends: xmin=1, xmax=10 is the first ten pixels, [0, 10] in the pixel-edge
+coordinates of the contract. So x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax.
+"""
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from utils import SetupError
+
+from .coco import BoxChecker
+from .pennfudan import read_image
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def read_classes(spec):
+    """Class names from "a,b,c" or from a text file with one name per line; classes[k - 1] names label k."""
+    path = Path(spec)
+    if path.suffix == ".txt" or path.is_file():
+        if not path.is_file():
+            raise SetupError(f"classes file {path} not found; pass its path, or the names as --classes a,b,c")
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    else:
+        names = [name.strip() for name in spec.split(",")]
+    names = [name for name in names if name]
+    if not names or len(set(names)) != len(names):
+        raise SetupError(f"--classes {spec}: give each class name once, e.g. --classes cat,dog or a classes.txt")
+    return names
+
+
+def list_annotation_ids(root):
+    """Sorted ids (file stems) of every root/Annotations/*.xml: the image list when ImageSets/Main has no split."""
+    return sorted(p.stem for p in (Path(root) / "Annotations").glob("*.xml"))
+
+
+def _number(node, tag, xml_path, default=None):
+    """The number in node's <tag> (a path such as "size/width" works); `default` if the tag is missing or empty."""
+    text = (node.findtext(tag) or "").strip()
+    if not text and default is not None:
+        return default
+    try:
+        return float(text)  # labelling tools write "273.5" as readily as "273"
+    except ValueError:
+        raise SetupError(f"{xml_path}: <{tag}> is {text!r}, expected a number") from None
+
+
+def parse_annotation(xml_path):
+    """One VOC xml -> (width, height, objects), as written in the file.
+
+    width and height are 0 when <size> is absent (some tools also write 0 there); objects is a list of
+    (name, [xmin, ymin, xmax, ymax], difficult) in VOC's 1-based coordinates, difficult 0 when the tag is missing
+    or empty.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise SetupError(f"annotation {xml_path} not found, but the split lists it; fix the split file") from None
+    except ET.ParseError as e:
+        line, column = e.position
+        raise SetupError(f"{xml_path}: invalid XML at line {line}, column {column} ({e}); fix or re-export it") from e
+    width, height = int(_number(root, "size/width", xml_path, 0)), int(_number(root, "size/height", xml_path, 0))
+    objects = []
+    for i, obj in enumerate(root.findall("object")):
+        name = (obj.findtext("name") or "").strip()
+        bndbox = obj.find("bndbox")
+        if not name or bndbox is None or any(bndbox.find(tag) is None for tag in BOX_TAGS):
+            raise SetupError(
+                f"{xml_path}: <object> number {i + 1} lacks <name> or <bndbox> with <xmin><ymin><xmax><ymax>; "
+                f"every object needs both"
+            )
+        box = [_number(bndbox, tag, xml_path) for tag in BOX_TAGS]
+        objects.append((name, box, int(_number(obj, "difficult", xml_path, 0) != 0)))
+    return width, height, objects
+
+
+class VOCDetection(torch.utils.data.Dataset):
+    """Items are (image, target) following the contract in datasets/__init__.py; image_id is the index in the split.
+
+    Images come from ImageSets/Main/{split}.txt, or from `split_ids` (xml stems) when the dataset ships no split.
+    Objects marked difficult become iscrowd=1 regions: not trained on, and neither credited nor penalised in
+    evaluation, which is how VOC's own metric treats them.
+    """
+
+    def __init__(self, root, split="train", classes=VOC_CLASSES, transforms=None, split_ids=None):
+        self.root = Path(root)
+        self.classes = list(classes)
+        self.transforms = transforms
+        if split_ids is None:
+            split_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+            if not split_file.is_file():
+                raise SetupError(
+                    f"split file {split_file} not found. Check that --data-path is the folder holding Annotations/ "
+                    f"and JPEGImages/; a dataset without ImageSets/Main takes split_ids (see list_annotation_ids)."
+                )
+            split_ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+        self.ids = list(split_ids)
+        if not self.ids:
+            raise SetupError(f"no images in split {split!r} of {self.root}; expected xml files in Annotations/")
+
+        label_of = {name: k for k, name in enumerate(self.classes, start=1)}
+        unknown = {}  # class name not in classes -> first xml that uses it
+        checker = BoxChecker(self.root / "Annotations")
+        self.items = []  # per image: path, size, and its kept boxes, labels and iscrowd
+        for image_id in self.ids:
+            xml_path = self.root / "Annotations" / f"{image_id}.xml"
+            image_path = self.root / "JPEGImages" / f"{image_id}.jpg"
+            width, height, objects = parse_annotation(xml_path)
+            if not image_path.is_file():
+                raise SetupError(f"image {image_path} not found, but {xml_path} annotates it; restore the image")
+            if not width or not height:
+                with Image.open(image_path) as im:  # reads the header only
+                    width, height = im.size
+            for name, _, _ in objects:
+                if name not in label_of:
+                    unknown.setdefault(name, xml_path)
+            raw = torch.tensor([box for _, box, _ in objects], dtype=torch.float32).reshape(-1, 4)
+            # xmax == xmin is a click without a drag in the labelling tool, not a 1-pixel object: drop it, as the
+            # other formats drop boxes of width 0.
+            valid = (raw[:, 2] > raw[:, 0]) & (raw[:, 3] > raw[:, 1])
+            boxes, keep = checker(raw - torch.tensor([1.0, 1.0, 0.0, 0.0]), valid, height, width, xml_path.name)
+            labels = torch.tensor([label_of.get(name, 0) for name, _, _ in objects], dtype=torch.int64)
+            iscrowd = torch.tensor([difficult for _, _, difficult in objects], dtype=torch.int64)
+            self.items.append(
+                {
+                    "path": image_path,
+                    "height": height,
+                    "width": width,
+                    "boxes": boxes[keep],
+                    "labels": labels[keep],
+                    "iscrowd": iscrowd[keep],
+                }
+            )
+        if unknown:
+            name, xml_path = next(iter(unknown.items()))
+            everything = sorted(set(self.classes) | set(unknown))
+            raise SetupError(
+                f"{xml_path}: class {name!r} is not one of the classes ({', '.join(self.classes)}); the annotations "
+                f"use {len(unknown)} unknown names: {', '.join(sorted(unknown))}.\n"
+                f"  Pass every class name, e.g. --classes {','.join(everything)} (the order sets the labels)."
+            )
+        checker.warn()
+
+    def __len__(self):
+        return len(self.items)
+
+    def get_height_and_width(self, idx):
+        item = self.items[idx]
+        return item["height"], item["width"]
+
+    def __getitem__(self, idx):
+        item = self.items[idx]
+        height, width = item["height"], item["width"]
+        image = read_image(item["path"], "RGB")  # uint8 [3, H, W]
+        if image.shape[-2:] != (height, width):
+            raise SetupError(
+                f"{item['path']} is {image.shape[2]}x{image.shape[1]} pixels but its xml <size> says "
+                f"{width}x{height}; fix <size> in Annotations/{item['path'].stem}.xml"
+            )
+        boxes = item["boxes"].clone()  # a copy: a transform must never edit the stored boxes
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": item["labels"].clone(),
+            "image_id": idx,
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": item["iscrowd"].clone(),
+        }
+        image = tv_tensors.Image(image)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self):
+        return f"VOCDetection(root={str(self.root)!r}, {len(self)} images, classes={self.classes})"
