@@ -187,8 +187,13 @@ def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print
     results = {"detections": detections}
     for iou_type in iou_types:
         with contextlib.redirect_stdout(io.StringIO()):
-            # loadRes cannot take an empty list; an untrained model still gets its (zero) table
-            coco_dt = coco_gt.loadRes(detections) if detections else coco_from_records(images, [], class_names)
+            # loadRes writes ids and areas into the dicts it gets (copies keep ours clean) and cannot take an
+            # empty list: an untrained model still gets its (zero) table
+            coco_dt = (
+                coco_gt.loadRes([dict(d) for d in detections])
+                if detections
+                else coco_from_records(images, [], class_names)
+            )
         coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
         with contextlib.redirect_stdout(io.StringIO()):  # keep the summary, drop pycocotools' progress chatter
             coco_eval.evaluate()

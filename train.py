@@ -32,8 +32,17 @@ def get_args_parser():
     data.add_argument(
         "--dataset", default="pennfudan", choices=sorted(datasets.DATASETS), help="dataset (default pennfudan)"
     )
+    data.add_argument("--train-ann", "--ann-file", default=None, help="training annotation file (coco, custom)")
+    data.add_argument("--val-ann", default=None, help="validation annotation file (coco; custom: else a split)")
+    data.add_argument("--train-images", default=None, help="training image folder (coco, default ROOT/train2017)")
+    data.add_argument("--val-images", default=None, help="validation image folder (coco, default ROOT/val2017)")
+    data.add_argument("--train-split", default="train", help="voc ImageSets/Main list for training (default train)")
+    data.add_argument("--val-split", default="val", help="voc ImageSets/Main list for validation (default val)")
+    data.add_argument("--classes", default=None, help="class names: a,b,c or a classes.txt (voc: default the 20 VOC)")
+    data.add_argument("--drop-empty", action="store_true", help="coco: skip training images without objects")
     data.add_argument(
         "--data-path",
+        "--img-prefix",
         default=None,
         type=str,
         help="dataset root; for pennfudan it defaults to data/PennFudanPed, downloaded when missing",
@@ -169,9 +178,22 @@ def get_datasets(args):
     """(train, val, class names) for --dataset, with the train/eval transforms applied."""
     train_tf = transforms.get_transform(train=True, policy=args.data_augmentation)
     val_tf = transforms.get_transform(train=False)
-    options = {}
-    if args.dataset == "pennfudan":
-        options = dict(val_size=args.val_size, split_seed=args.split_seed, download=args.data_path is None)
+    split = dict(val_size=args.val_size, split_seed=args.split_seed)
+    annotations = dict(train_ann=args.train_ann, val_ann=args.val_ann)
+    options = {
+        "pennfudan": dict(**split, download=args.data_path is None),
+        "coco": dict(
+            **annotations,
+            train_images=args.train_images,
+            val_images=args.val_images,
+            masks=args.model.startswith("maskrcnn"),
+            keep_empty=not args.drop_empty,
+        ),
+        "voc": dict(**split, classes=args.classes, train_split=args.train_split, val_split=args.val_split),
+        "custom": dict(**split, **annotations, classes=args.classes),
+    }[args.dataset]
+    if args.data_path is None and args.dataset != "pennfudan":
+        raise utils.SetupError(f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder)")
     root = args.data_path or os.path.join("data", "PennFudanPed")
     return datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
 
@@ -324,7 +346,7 @@ def _run(args, distributed, rank, world_size, device):
 
     if args.test_only:
         metrics = evaluate(model, val_loader, device, class_names=class_names, amp_dtype=amp_dtype)
-        write_detections(args.out, metrics)
+        write_detections(args.out, metrics, val_set)
         return metrics
 
     def checkpoint_state(epoch):
@@ -372,14 +394,20 @@ def _run(args, distributed, rank, world_size, device):
                 f.write(json.dumps(log) + "\n")
 
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    write_detections(args.out, metrics)
+    write_detections(args.out, metrics, val_set)
     return metrics
 
 
-def write_detections(path, metrics):
+def write_detections(path, metrics, dataset):
+    """COCO results json; labels go back to the dataset's own category ids where it has them (COCO json)."""
     if path and utils.is_main_process() and "detections" in metrics:
+        to_category = getattr(dataset, "label_to_category_id", None)
+        detections = [
+            {**d, "category_id": to_category[d["category_id"]] if to_category else d["category_id"]}
+            for d in metrics["detections"]
+        ]
         with open(path, "w") as f:
-            json.dump(metrics["detections"], f)
+            json.dump(detections, f)
         print(f"Wrote {len(metrics['detections'])} detections to {path}")
 
 

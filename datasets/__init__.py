@@ -16,10 +16,17 @@ A builder in DATASETS returns (train_dataset, val_dataset, class_names), class_n
 To train on your own data, write a Dataset class that returns the contract above and add a builder here.
 """
 
+from pathlib import Path
+
 import torch
 
+from utils import SetupError
+
+from .coco import CocoDetection
+from .custom import CustomDataset
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
 from .pennfudan import PennFudanDataset
+from .voc import VOC_CLASSES, VOCDetection, list_annotation_ids, read_classes
 
 
 class Subset(torch.utils.data.Subset):
@@ -48,9 +55,81 @@ def get_pennfudan(root, train_transforms, val_transforms, val_size=50, split_see
     return Subset(train_full, train_idx), Subset(val_full, val_idx), list(PENNFUDAN_CLASSES)
 
 
+def get_coco(
+    root,
+    train_transforms,
+    val_transforms,
+    train_ann=None,
+    val_ann=None,
+    train_images=None,
+    val_images=None,
+    masks=False,
+    keep_empty=True,
+):
+    """COCO json: ROOT/{train,val}2017/ and ROOT/annotations/instances_{train,val}2017.json unless given."""
+    root = Path(root)
+    train = CocoDetection(
+        train_images or root / "train2017",
+        train_ann or root / "annotations/instances_train2017.json",
+        train_transforms,
+        masks=masks,
+        keep_empty=keep_empty,
+    )
+    val = CocoDetection(
+        val_images or root / "val2017",
+        val_ann or root / "annotations/instances_val2017.json",
+        val_transforms,
+        masks=masks,
+    )
+    if train.classes != val.classes:
+        raise SetupError(f"train and val annotation files list different categories: {train.classes} vs {val.classes}")
+    return train, val, train.classes
+
+
+def get_voc(
+    root,
+    train_transforms,
+    val_transforms,
+    classes=None,
+    train_split="train",
+    val_split="val",
+    val_size=50,
+    split_seed=0,
+):
+    """Pascal VOC layout; without ImageSets/Main/{split}.txt every xml in Annotations/ is used, split seeded."""
+    classes = read_classes(classes) if classes else list(VOC_CLASSES)
+    if (Path(root) / "ImageSets" / "Main" / f"{train_split}.txt").is_file():
+        train_ids = val_ids = None
+    else:
+        ids = list_annotation_ids(root)
+        train_idx, val_idx = random_split(len(ids), val_size, split_seed)
+        train_ids, val_ids = [ids[i] for i in train_idx], [ids[i] for i in val_idx]
+    train = VOCDetection(root, train_split, classes, train_transforms, split_ids=train_ids)
+    val = VOCDetection(root, val_split, classes, val_transforms, split_ids=val_ids)
+    return train, val, list(classes)
+
+
+def get_custom(
+    root, train_transforms, val_transforms, train_ann=None, val_ann=None, classes=None, val_size=50, split_seed=0
+):
+    """mmdetection's list-of-dicts (.json / .pkl) with images under ROOT; one file is split seeded."""
+    if not train_ann or not classes:
+        raise SetupError("--dataset custom needs --ann-file FILE (.json or .pkl) and --classes a,b,c (or classes.txt)")
+    classes = read_classes(classes)
+    train = CustomDataset(train_ann, root, classes, train_transforms)
+    if val_ann:
+        return train, CustomDataset(val_ann, root, classes, val_transforms), classes
+    train_idx, val_idx = random_split(len(train), val_size, split_seed)
+    val = CustomDataset(train_ann, root, classes, val_transforms)
+    return Subset(train, train_idx), Subset(val, val_idx), classes
+
+
 # --dataset name -> builder(root, train_transforms, val_transforms, **options)
 DATASETS = {
     "pennfudan": get_pennfudan,
+    "coco": get_coco,
+    "voc": get_voc,
+    "custom": get_custom,
 }
 
 
