@@ -67,8 +67,9 @@ def test_slurm_environment_is_read(monkeypatch):
     def fake_init(backend, init_method, world_size, rank):
         calls.update(backend=backend, world_size=world_size, rank=rank)
 
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    # init_distributed_mode exports RANK, MASTER_ADDR, ...: give it a copy of the environment, or later tests
+    # (and the processes they start) would believe they are rank 3 of 4 and wait forever for the others.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_LOCALID", "1")
