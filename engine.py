@@ -2,13 +2,18 @@
 
 import contextlib
 import io
+import json
 import math
+import os
+from collections import defaultdict
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_iou
 
 import utils
 
@@ -29,11 +34,14 @@ def _without_crowd(target):
     return {k: v[keep] if k in PER_INSTANCE_KEYS else v for k, v in target.items()}
 
 
-def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None):
+def train_one_epoch(
+    model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None, log_file=None
+):
     """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
 
-    Returns the epoch's mean of each loss (and of lr). A non-finite loss raises FloatingPointError naming the
-    batch's image ids and every loss value, instead of silently training on NaNs.
+    Returns the epoch's mean of each loss (and of lr); every `print_freq` steps the current values are also
+    appended to the JSON-lines `log_file` (rank 0), for curves finer than one point per epoch. A non-finite loss
+    raises FloatingPointError naming the batch's image ids and every loss value, instead of training on NaNs.
     """
     model.train()
     metric_logger = utils.MetricLogger()
@@ -45,7 +53,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         if warmup_iters > 0:
             warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
 
-    for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
+    for step, (images, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]")):
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [_without_crowd(_to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -73,7 +81,35 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
             warmup.step()
         metric_logger.update(loss=loss_value, **loss_dict_reduced)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        if log_file and step % print_freq == 0 and utils.is_main_process():
+            record = {"epoch": epoch, "iter": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
+            record.update({k: v.item() for k, v in loss_dict_reduced.items()})
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
     metric_logger.synchronize_between_processes()
+    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def validation_loss(model, data_loader, device, amp_dtype=None):
+    """Mean losses on the validation set, comparable with the training losses.
+
+    torchvision's R-CNN models return losses only in training mode, so this runs them in training mode without
+    gradients, with every BatchNorm layer kept in eval mode so validation images do not move its statistics.
+    """
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    metric_logger = utils.MetricLogger()
+    for images, targets in data_loader:
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [_without_crowd(_to_device(t, device)) for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss_dict = model(images, targets)
+        metric_logger.update(loss=sum(loss_dict.values()), **loss_dict)
+    metric_logger.synchronize_between_processes()
+    model.eval()
     return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
 
 
@@ -149,17 +185,79 @@ def format_per_class(table, iou_type):
     return "\n".join(lines)
 
 
+def voc_ap50(annotations, detections, class_names):
+    """Pascal VOC AP at IoU 0.5 per class: the area under the precision-recall curve made monotone (VOC2010+ rule).
+
+    Crowd / difficult ground truth is "don't care": a detection whose best match is one counts neither way.
+    Boxes are COCO xywh in pixel extents (no VOC "+1"), as everywhere in this project.
+    """
+
+    def xyxy(boxes):
+        boxes = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
+
+    table = {}
+    for label, name in enumerate(class_names, start=1):
+        truth = defaultdict(list)
+        for ann in annotations:
+            if ann["category_id"] == label:
+                truth[ann["image_id"]].append(ann)
+        gt_boxes = {image_id: xyxy([a["bbox"] for a in anns]) for image_id, anns in truth.items()}
+        matched = {image_id: [False] * len(anns) for image_id, anns in truth.items()}
+        num_positives = sum(not a["iscrowd"] for anns in truth.values() for a in anns)
+        hits = []  # 1 = true positive, 0 = false positive, in order of decreasing score
+        for det in sorted((d for d in detections if d["category_id"] == label), key=lambda d: -d["score"]):
+            anns = truth.get(det["image_id"], [])
+            if not anns:
+                hits.append(0)
+                continue
+            ious = box_iou(xyxy(det["bbox"]), gt_boxes[det["image_id"]])[0]
+            best = int(ious.argmax())
+            if ious[best] < 0.5:
+                hits.append(0)
+            elif anns[best]["iscrowd"]:
+                continue
+            else:
+                hits.append(0 if matched[det["image_id"]][best] else 1)
+                matched[det["image_id"]][best] = True
+        if num_positives == 0:
+            table[name] = float("nan")
+            continue
+        tp = np.cumsum(hits, dtype=np.float64)
+        recall = np.concatenate([[0.0], tp / num_positives, [1.0]])
+        precision = np.concatenate([[0.0], tp / np.maximum(np.arange(1, len(hits) + 1), 1), [0.0]])
+        precision = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
+        steps = np.nonzero(recall[1:] != recall[:-1])[0]
+        table[name] = float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+    return table
+
+
 @torch.inference_mode()
-def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print_freq=50):
+def evaluate(
+    model,
+    data_loader,
+    device,
+    class_names=None,
+    amp_dtype=None,
+    print_freq=50,
+    voc_metric=False,
+    show_dir=None,
+    show_count=None,
+    show_thresh=0.5,
+):
     """Run the model over `data_loader` and score it with pycocotools (bbox, plus segm for mask models).
 
     Ground truth is built from the targets the loader yields, so any dataset that follows the contract works.
     Under torchrun each rank evaluates its share; results are gathered and the duplicates that the sampler's
-    padding adds are dropped, so the numbers equal a single-process evaluation. Returns
+    padding adds are dropped, so the numbers equal a single-process evaluation. `voc_metric` adds Pascal VOC's
+    mAP@0.5 ("voc_mAP50", "voc_ap50_per_class"). `show_dir` receives drawn predictions (score >= show_thresh, ground
+    truth in red) of the first `show_count` images (all when None) as {image_id}.png. Returns
     {"bbox": {"AP": .., "AP50": .., ...}, "bbox_per_class": {name: {"AP": .., "AP50": ..}}, ..., "detections": [...]}
     """
     model.eval()
     metric_logger = utils.MetricLogger()
+    if show_dir:
+        os.makedirs(show_dir, exist_ok=True)
     per_image = {}  # image_id -> (image entry, ground-truth annotations, detections)
     score_masks = True  # segm is scored when the model predicts masks and the dataset has them
     for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
@@ -171,6 +269,11 @@ def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print
             score_masks = score_masks and "masks" in output and "masks" in target
             image_entry, anns = _ground_truth(target, *image.shape[-2:])
             per_image[target["image_id"]] = (image_entry, anns, _detections(output, target["image_id"]))
+            if show_dir and (show_count is None or len(per_image) <= show_count):
+                drawn = utils.draw_predictions(image, output, class_names or [], show_thresh, target=target)
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
+                    os.path.join(show_dir, f"{target['image_id']}.png")
+                )
 
     merged = {}
     for part in utils.all_gather(per_image):  # rank order; a padded duplicate keeps its first copy
@@ -203,4 +306,11 @@ def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print
         results[iou_type] = dict(zip(STAT_NAMES, (float(s) for s in coco_eval.stats)))
         results[f"{iou_type}_per_class"] = per_class_ap(coco_eval, class_names)
         print(format_per_class(results[f"{iou_type}_per_class"], iou_type))
+    if voc_metric:
+        results["voc_ap50_per_class"] = voc_ap50(annotations, detections, class_names)
+        results["voc_mAP50"] = float(np.nanmean(list(results["voc_ap50_per_class"].values())))
+        print("VOC AP@0.5 per class (area under the interpolated precision-recall curve):")
+        for name, ap in results["voc_ap50_per_class"].items():
+            print(f"  {name:<24} {ap * 100:6.1f}")
+        print(f"  {'mAP@0.5':<24} {results['voc_mAP50'] * 100:6.1f}")
     return results

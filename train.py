@@ -22,7 +22,7 @@ import models
 import transforms
 import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
-from engine import evaluate, train_one_epoch
+from engine import evaluate, train_one_epoch, validation_loss
 
 
 def get_args_parser():
@@ -168,6 +168,14 @@ def get_args_parser():
         "--eval-interval", default=1, type=int, help="validate every N epochs and after the last (default 1)"
     )
     run.add_argument("--test-only", action="store_true", help="evaluate (the --resume checkpoint) and exit")
+    run.add_argument("--show-dir", default=None, help="with --test-only: write drawn predictions here (default none)")
+    run.add_argument(
+        "--val-loss",
+        default=True,
+        action=argparse.BooleanOptionalAction,
+        help="also compute the validation loss at each evaluation (default on)",
+    )
+    run.add_argument("--report-images", default=4, type=int, help="drawn validation images in report.md (default 4)")
     run.add_argument("--out", default=None, type=str, help="write the evaluated detections as COCO results json")
     run.add_argument("--print-freq", default=20, type=int, help="log every N iterations (default 20)")
     run.add_argument("--seed", default=42, type=int, help="random seed (default 42)")
@@ -340,12 +348,14 @@ def _run(args, distributed, rank, world_size, device):
             if scaler is not None and checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, best_ap = checkpoint["epoch"] + 1, checkpoint.get("best_ap", -1.0)
-        print(
-            f"Resumed from {resume} (epoch {checkpoint['epoch']}); continuing at epoch {start_epoch} of {args.epochs}"
-        )
+        print(f"Resumed from {resume} (epoch {checkpoint['epoch']}); continuing at epoch {start_epoch}")
+        planned = checkpoint.get("args", {}).get("epochs", args.epochs)
+        if planned != args.epochs and not args.test_only:
+            print(f"Note: the run was planned for {planned} epochs and now runs to {args.epochs}")
 
+    eval_options = dict(class_names=class_names, amp_dtype=amp_dtype, voc_metric=args.dataset == "voc")
     if args.test_only:
-        metrics = evaluate(model, val_loader, device, class_names=class_names, amp_dtype=amp_dtype)
+        metrics = evaluate(model, val_loader, device, show_dir=args.show_dir, **eval_options)
         write_detections(args.out, metrics, val_set)
         return metrics
 
@@ -361,23 +371,33 @@ def _run(args, distributed, rank, world_size, device):
             "args": {k: v for k, v in vars(args).items()},  # plain values only: loads with weights_only=True
         }
 
+    log_file = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     print("Start training")
-    start_time = time.time()
+    start_time, train_seconds = time.time(), 0.0
     metrics = {}
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         # Reseed per epoch so the augmentation stream depends on (seed, epoch) only, not on what ran before:
         # a run resumed at this epoch sees the same random flips as one that never stopped.
         utils.seed_everything(args.seed + 1000 * epoch + rank)
-        train_stats = train_one_epoch(model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype)
+        epoch_start = time.time()
+        train_stats = train_one_epoch(
+            model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype, log_file=log_file
+        )
+        train_seconds += time.time() - epoch_start
         lr_scheduler.step()
 
-        metrics = {}
+        metrics, val_loss = {}, {}
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
-            metrics = evaluate(model, val_loader, device, class_names=class_names, amp_dtype=amp_dtype)
+            last = epoch + 1 == args.epochs
+            show = dict(show_dir=os.path.join(args.output_dir, "val_images"), show_count=args.report_images)
+            metrics = evaluate(model, val_loader, device, **eval_options, **(show if last and rank == 0 else {}))
+            if args.val_loss:
+                val_loss = validation_loss(model_without_ddp, val_loader, device, amp_dtype)
+                print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
         ap = metrics.get("bbox", {}).get("AP", -1.0)
         is_best = ap > best_ap
         best_ap = max(best_ap, ap)
@@ -388,14 +408,60 @@ def _run(args, distributed, rank, world_size, device):
             utils.save_on_master(state, os.path.join(args.output_dir, f"model_{epoch}.pth"))
         if is_best:
             utils.save_on_master(state, os.path.join(args.output_dir, "best.pth"))
-        log = {"epoch": epoch, "train": train_stats, **{k: v for k, v in metrics.items() if k != "detections"}}
+        log = {"epoch": epoch, "train": train_stats, "val_loss": val_loss}
+        log.update({k: v for k, v in metrics.items() if k != "detections"})
         if rank == 0:
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+            with open(log_file, "a") as f:
                 f.write(json.dumps(log) + "\n")
 
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    total = time.time() - start_time
+    print(f"Training time {datetime.timedelta(seconds=int(total))}")
     write_detections(args.out, metrics, val_set)
+    if rank == 0 and args.epochs > start_epoch:
+        images = (args.epochs - start_epoch) * len(train_loader) * args.batch_size * world_size
+        write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
     return metrics
+
+
+def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
+    """output-dir/report.md: the final metrics, per-class AP, curves, a few drawn validation images, timing, args."""
+    out = args.output_dir
+    lines = [f"# {args.model} on {args.dataset}", ""]
+    for iou_type in ("bbox", "segm"):
+        if iou_type in metrics:
+            lines += [f"## {iou_type} (COCO)", "", "| " + " | ".join(metrics[iou_type]) + " |"]
+            lines += [
+                "|" + "---|" * len(metrics[iou_type]),
+                "| " + " | ".join(f"{v * 100:.1f}" for v in metrics[iou_type].values()) + " |",
+                "",
+            ]
+            lines += ["| class | AP | AP50 |", "|---|---|---|"]
+            lines += [
+                f"| {n} | {v['AP'] * 100:.1f} | {v['AP50'] * 100:.1f} |"
+                for n, v in metrics[f"{iou_type}_per_class"].items()
+            ]
+            lines.append("")
+    if "voc_mAP50" in metrics:
+        lines += [f"VOC mAP@0.5: {metrics['voc_mAP50'] * 100:.1f}", ""]
+    if utils.plot_curves([log_file], os.path.join(out, "curves.png"), names=[args.model]):
+        lines += ["## Curves", "", "![curves](curves.png)", ""]
+    drawn = (
+        sorted(os.listdir(os.path.join(out, "val_images"))) if os.path.isdir(os.path.join(out, "val_images")) else []
+    )
+    if drawn:
+        lines += ["## Validation images (prediction green, ground truth red)", ""]
+        lines += [f"![{name}](val_images/{name})" for name in drawn] + [""]
+    memory = utils.peak_memory_mb()
+    lines += [
+        "## Run",
+        "",
+        f"- training: {train_images_per_s:.2f} images/s; total time {datetime.timedelta(seconds=int(total_seconds))}",
+    ]
+    lines += [f"- peak memory: {memory:.0f} MB ({'GPU allocated' if torch.cuda.is_available() else 'process RSS'})", ""]
+    lines += ["```json", json.dumps(vars(args), indent=2), "```", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines))
+    print(f"Wrote {os.path.join(out, 'report.md')}")
 
 
 def write_detections(path, metrics, dataset):

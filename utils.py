@@ -5,6 +5,7 @@ returns its input and `all_gather` returns a one-element list.
 """
 
 import datetime
+import json
 import os
 import random
 import subprocess
@@ -295,3 +296,65 @@ def draw_predictions(image, prediction, class_names, score_thresh=0.5, color="li
         ]
         image = draw_bounding_boxes(image, prediction["boxes"][keep].cpu().float(), captions, colors=color, width=2)
     return image
+
+
+def peak_memory_mb():
+    """Peak memory of this process: CUDA memory allocated on GPU, resident set size (RSS) on CPU, in MiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def read_log(path):
+    """log.jsonl -> (per-epoch records, per-iteration records)."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if "iter" not in r], [r for r in records if "iter" in r]
+
+
+def plot_curves(log_files, out_file, names=None):
+    """One PNG of every run's training losses, lr and validation AP over epochs. Returns False without matplotlib
+    (an optional dependency)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    runs = [(name, *read_log(path)) for name, path in zip(names or map(str, log_files), log_files)]
+    loss_names = sorted(
+        {k for _, epochs, _ in runs for r in epochs for k in r.get("train", {}) if k.startswith("loss")}
+    )
+    panels = [*loss_names, "lr", "AP"]
+    cols, rows = 3, (len(panels) + 2) // 3
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        for name, epochs, iters in runs:
+            if panel == "AP":
+                for iou_type in ("bbox", "segm"):
+                    points = [(r["epoch"] + 1, r[iou_type]["AP"]) for r in epochs if iou_type in r]
+                    if points:
+                        ax.plot(*zip(*points), marker="o", label=f"{name} {iou_type}")
+                continue
+            steps = [r for r in iters if panel in r]
+            if steps:  # x in epochs: iteration i of epoch e sits at e + i / iterations per epoch
+                per_epoch = max(r["iter"] for r in steps) + 1
+                ax.plot([r["epoch"] + r["iter"] / per_epoch for r in steps], [r[panel] for r in steps], alpha=0.4)
+            points = [(r["epoch"] + 1, r["train"][panel]) for r in epochs if panel in r.get("train", {})]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{name} train")
+            val = [(r["epoch"] + 1, r["val_loss"][panel]) for r in epochs if panel in (r.get("val_loss") or {})]
+            if val:
+                ax.plot(*zip(*val), marker="s", linestyle="--", label=f"{name} val")
+        ax.set_title(panel)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=80)
+    plt.close(fig)
+    return True

@@ -79,10 +79,13 @@ def load_middle_format(path):
     return data
 
 
-def _boxes_and_labels(ann, box_key, label_key, where):
-    """float32 [n, 4] and int64 [n] arrays from ann[box_key] and ann[label_key] (empty when both are absent)."""
+def _boxes_and_labels(ann, box_key, label_key, where, dtype=np.float32):
+    """[n, 4] boxes and int64 [n] labels from ann[box_key] and ann[label_key] (empty when both are absent).
+
+    Boxes are float32, what training uses; dtype=np.float64 keeps them as written (references/convert_dataset.py).
+    """
     try:
-        boxes = np.asarray(ann.get(box_key, []), dtype=np.float32).reshape(-1, 4)
+        boxes = np.asarray(ann.get(box_key, []), dtype=dtype).reshape(-1, 4)
         labels = np.asarray(ann.get(label_key, []), dtype=np.int64).reshape(-1)
     except ValueError:
         raise SetupError(f"{where}: {box_key} must be (n, 4) numbers and {label_key} (n,) integers") from None

@@ -135,3 +135,23 @@ def test_nonfinite_loss_names_images_and_losses():
     with pytest.raises(FloatingPointError, match=r"\[10, 11\].*loss_classifier=nan.*loss_box_reg=0.5"):
         engine.train_one_epoch(model, optimizer, loader, torch.device("cpu"), 0, 10)
     assert model.w.item() == 1.0  # the bad step was not applied
+
+
+def test_voc_ap50_by_hand():
+    # 2 positives and one difficult (crowd) box; detections by score: hit, miss, hit on the difficult one, hit.
+    gt = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "iscrowd": 0},
+        {"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "iscrowd": 0},
+        {"image_id": 1, "category_id": 1, "bbox": [80, 0, 10, 10], "iscrowd": 1},
+    ]
+    dets = [
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9},
+        {"image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 10], "score": 0.8},
+        {"image_id": 1, "category_id": 1, "bbox": [80, 0, 10, 10], "score": 0.75},
+        {"image_id": 1, "category_id": 1, "bbox": [51, 51, 10, 10], "score": 0.7},
+    ]
+    # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> envelope 1 up to recall 1/2, then 2/3: AP = 1/2 + 1/3
+    table = engine.voc_ap50(gt, dets, ["a", "b"])
+    assert table["a"] == pytest.approx(0.5 + 1 / 3)
+    assert table["b"] != table["b"]  # no ground truth: NaN, left out of the mean
+    assert engine.voc_ap50(gt, dets[:1] + dets[3:], ["a"])["a"] == pytest.approx(1.0)

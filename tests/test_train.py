@@ -21,8 +21,15 @@ def test_train_then_test_only(pennfudan_dir, tmp_path, capsys):
     for name in ("checkpoint.pth", "model_0.pth", "best.pth", "args.json", "log.txt", "log.jsonl"):
         assert (out / name).is_file(), name
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 1 and log[0]["epoch"] == 0
-    assert {"loss", "loss_classifier", "loss_mask", "lr"} <= set(log[0]["train"]) and "AP" in log[0]["segm"]
+    epochs, steps = [r for r in log if "iter" not in r], [r for r in log if "iter" in r]
+    assert len(epochs) == 1 and epochs[0]["epoch"] == 0 and [r["iter"] for r in steps] == [0]  # 2 steps, every 5th
+    assert {"loss", "loss_classifier", "loss_mask", "lr"} <= set(epochs[0]["train"]) and "AP" in epochs[0]["segm"]
+    assert {"loss", "loss_mask"} <= set(epochs[0]["val_loss"]) and {"loss", "lr", "loss_mask"} <= set(steps[0])
+    report = (out / "report.md").read_text()
+    assert f"| {metrics['bbox']['AP'] * 100:.1f} | {metrics['bbox']['AP50'] * 100:.1f} |" in report
+    assert "| person |" in report and "images/s" in report and "peak memory" in report
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![curves](curves.png)" in report
+    assert len(list((out / "val_images").glob("*.png"))) == 3 and "val_images/" in report
     assert "Epoch: [0]" in (out / "log.txt").read_text()
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)  # plain data only
     assert checkpoint["class_names"] == ["person"] and checkpoint["epoch"] == 0
@@ -42,12 +49,16 @@ def test_train_then_test_only(pennfudan_dir, tmp_path, capsys):
         out / "checkpoint.pth",
         "--out",
         results,
+        "--show-dir",
+        tmp_path / "shown",
         *TINY,
     )
     printed = capsys.readouterr().out
     assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
     assert len(json.loads(results.read_text())) == len(metrics["detections"])
+    shown = sorted(p.name for p in (tmp_path / "shown").glob("*.png"))
+    assert len(shown) == 3 and all(f"{d['image_id']}.png" in shown for d in metrics["detections"])
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(pennfudan_dir, tmp_path):
@@ -206,7 +217,8 @@ def test_real_bccd_voc(tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "voc: 205 train / 87 val images, classes ['RBC', 'WBC', 'Platelets']" in printed
-    assert set(metrics["bbox_per_class"]) == {"RBC", "WBC", "Platelets"}
+    assert set(metrics["bbox_per_class"]) == set(metrics["voc_ap50_per_class"]) == {"RBC", "WBC", "Platelets"}
+    assert 0 <= metrics["voc_mAP50"] <= 1 and "VOC AP@0.5 per class" in printed
 
 
 def test_real_tiny_coco_masks_and_original_category_ids(tmp_path, capsys):
