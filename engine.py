@@ -137,6 +137,9 @@ def _ground_truth(target, height, width):
         ann["iscrowd"] = int(target["iscrowd"][i]) if "iscrowd" in target else 0
         if masks is not None:
             ann["segmentation"] = masks[i]
+        if "keypoints" in target:  # COCOeval skips people whose keypoints are all unlabelled (visibility 0)
+            ann["keypoints"] = target["keypoints"][i].flatten().tolist()
+            ann["num_keypoints"] = int((target["keypoints"][i, :, 2] > 0).sum())
         anns.append(ann)
     return {"id": target["image_id"], "height": height, "width": width}, anns
 
@@ -145,11 +148,14 @@ def _detections(output, image_id):
     """One image's predictions as COCO result dicts; mask probabilities are cut at 0.5 as torchvision's eval does."""
     boxes, scores, labels = _xywh(output["boxes"]), output["scores"].tolist(), output["labels"].tolist()
     masks = _encode_masks(output["masks"][:, 0] > 0.5) if "masks" in output else [None] * len(scores)
+    keypoints = output["keypoints"].flatten(1).tolist() if "keypoints" in output else [None] * len(scores)
     results = []
-    for box, score, label, mask in zip(boxes, scores, labels, masks):
+    for box, score, label, mask, points in zip(boxes, scores, labels, masks, keypoints):
         result = {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
         if mask is not None:
             result["segmentation"] = mask
+        if points is not None:
+            result["keypoints"] = points
         results.append(result)
     return results
 
@@ -259,7 +265,8 @@ def evaluate(
     if show_dir:
         os.makedirs(show_dir, exist_ok=True)
     per_image = {}  # image_id -> (image entry, ground-truth annotations, detections)
-    score_masks = True  # segm is scored when the model predicts masks and the dataset has them
+    # segm / keypoints are scored when the model predicts them and the dataset has them
+    score_masks = score_keypoints = True
     for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
         images = [image.to(device, non_blocking=True) for image in images]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -267,6 +274,7 @@ def evaluate(
         for image, target, output in zip(images, targets, outputs):
             output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
             score_masks = score_masks and "masks" in output and "masks" in target
+            score_keypoints = score_keypoints and "keypoints" in output and "keypoints" in target
             image_entry, anns = _ground_truth(target, *image.shape[-2:])
             per_image[target["image_id"]] = (image_entry, anns, _detections(output, target["image_id"]))
             if show_dir and (show_count is None or len(per_image) <= show_count):
@@ -286,6 +294,7 @@ def evaluate(
         class_names = [str(k) for k in range(1, max([a["category_id"] for a in annotations], default=0) + 1)]
 
     iou_types = ["bbox"] + (["segm"] if all(utils.all_gather(score_masks)) else [])
+    iou_types += ["keypoints"] if all(utils.all_gather(score_keypoints)) else []
     coco_gt = coco_from_records(images, annotations, class_names)
     results = {"detections": detections}
     for iou_type in iou_types:

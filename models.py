@@ -28,6 +28,7 @@ TORCHVISION_MODELS = (
     "fasterrcnn_mobilenet_v3_large_320_fpn",
     "maskrcnn_resnet50_fpn",
     "maskrcnn_resnet50_fpn_v2",
+    "keypointrcnn_resnet50_fpn",  # person keypoints (17, COCO's): train on a person_keypoints json
 )
 # Predictor tensors whose first dimension is (a multiple of) the number of classes
 HEAD_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")

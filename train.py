@@ -25,8 +25,10 @@ from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_gro
 from engine import evaluate, train_one_epoch, validation_loss
 
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -307,6 +309,10 @@ def _run(args, distributed, rank, world_size, device):
     if problems:
         raise utils.SetupError("\n".join(problems))
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
+    if args.model.startswith("keypointrcnn") and not getattr(train_set, "num_keypoints", 0):
+        raise utils.SetupError(f"{args.model} needs keypoints: pass a person_keypoints json (--train-ann/--val-ann)")
+    if args.model.startswith("keypointrcnn") and args.data_augmentation == "lsj":
+        raise utils.SetupError("--data-augmentation lsj does not move keypoints; use hflip or photometric")
     if len(train_set) < args.batch_size * world_size:
         raise utils.SetupError(
             f"{len(train_set)} training images cannot fill one batch of {args.batch_size} x {world_size} processes; "

@@ -1,23 +1,46 @@
 """Train and eval presets on torchvision.transforms.v2.
 
-Datasets return tv_tensors (Image, BoundingBoxes, Mask), so every v2 transform moves boxes, masks and keypoints
-together with the pixels: nothing here touches a coordinate by hand. Resizing to the model's input size is not
+Datasets return tv_tensors (Image, BoundingBoxes, Mask), so every v2 transform moves boxes and masks together with
+the pixels. Person keypoints [N, 17, 3] are the exception: a mirrored left wrist is a right wrist, which v2 cannot
+know, so `HorizontalFlip` mirrors them and swaps the sides; lsj refuses them. Resizing to the model's input size is not
 done here: the R-CNN models resize inside (GeneralizedRCNNTransform, min_size 800 / max_size 1333 by default).
 """
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
 
 # --data-augmentation policies. "multiscale" is not a transform: the model's own resize would undo any resize
 # done here, so train.py passes it to the model as a range of min_size values (see MULTISCALE_MIN_SIZES).
 POLICIES = ("hflip", "photometric", "multiscale", "lsj")
 MULTISCALE_MIN_SIZES = tuple(range(480, 801, 32))  # shorter side in pixels, one picked per training batch
+# COCO person keypoints: nose, then (left, right) pairs of eyes, ears, shoulders, elbows, wrists, hips, knees, ankles
+COCO_KEYPOINT_FLIP = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
+
+
+class HorizontalFlip(torch.nn.Module):
+    """v2's horizontal flip for the image, boxes and masks; keypoints [N, J, 3] mirrored with left/right swapped."""
+
+    def __init__(self, p=0.5, keypoint_flip=COCO_KEYPOINT_FLIP):
+        super().__init__()
+        self.p, self.keypoint_flip = p, list(keypoint_flip)
+
+    def forward(self, image, target):
+        if torch.rand(()) >= self.p:
+            return image, target
+        target = {k: F.horizontal_flip(v) if isinstance(v, tv_tensors.TVTensor) else v for k, v in target.items()}
+        if "keypoints" in target:
+            keypoints = target["keypoints"][:, self.keypoint_flip].clone()
+            keypoints[..., 0] = image.shape[-1] - keypoints[..., 0]  # continuous x: pixel centre c -> W - c
+            target["keypoints"] = keypoints
+        return F.horizontal_flip(image), target
 
 
 def _labels_and_per_box_fields(inputs):
     # SanitizeBoundingBoxes drops a box together with every tensor returned here (masks are found on their own)
     target = inputs[1]
-    return tuple(target[k] for k in ("labels", "area", "iscrowd") if k in target)
+    return tuple(target[k] for k in ("labels", "area", "iscrowd", "keypoints") if k in target)
 
 
 def _finish(train):
@@ -39,7 +62,7 @@ def get_transform(train, policy="hflip", hflip_prob=0.5, lsj_size=1024):
         return T.Compose(_finish(train=False))
     if policy not in POLICIES:
         raise ValueError(f"unknown data augmentation {policy!r}; choose one of: {', '.join(POLICIES)}")
-    steps = [T.RandomHorizontalFlip(hflip_prob)]
+    steps = [HorizontalFlip(hflip_prob)]
     if policy == "photometric":
         steps.append(T.RandomPhotometricDistort(p=0.5))
     elif policy == "lsj":

@@ -250,3 +250,44 @@ def test_real_tiny_coco_masks_and_original_category_ids(tmp_path, capsys):
     written = [d["category_id"] for d in json.loads(out.read_text())]
     original = sorted(categories)  # label k is the k-th smallest COCO id: 1..90 with gaps
     assert written and written == [original[d["category_id"] - 1] for d in metrics["detections"]]
+
+
+def test_real_tiny_coco_person_keypoints(tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    ann = SHARED_DATA / "tiny_coco" / "annotations"
+    if not ann.is_dir():
+        pytest.skip(f"tiny_coco not found at {ann.parent} (set DETECTION_DATA)")
+    metrics = run(
+        "--dataset",
+        "coco",
+        "--data-path",
+        ann.parent,
+        "--train-ann",
+        ann / "person_keypoints_train2017.json",
+        "--val-ann",
+        ann / "person_keypoints_val2017.json",
+        "--model",
+        "keypointrcnn_resnet50_fpn",
+        "--epochs",
+        1,
+        "--output-dir",
+        tmp_path,
+        "--box-score-thresh",
+        0.0,
+        "--no-val-loss",
+        *TINY,
+    )
+    assert "keypoints" in metrics and "IoU metric: keypoints" in capsys.readouterr().out
+    with pytest.raises(train.utils.SetupError, match="needs keypoints"):
+        run(
+            "--dataset",
+            "coco",
+            "--data-path",
+            ann.parent,
+            "--model",
+            "keypointrcnn_resnet50_fpn",
+            "--output-dir",
+            tmp_path,
+            *TINY,
+        )

@@ -66,3 +66,20 @@ def test_sanitize_drops_zero_size_box_with_its_fields():
     }
     _, out = transforms.get_transform(True, hflip_prob=0.0)(image, target)
     assert out["labels"].tolist() == [1] and out["area"].tolist() == [64.0] and len(out["iscrowd"]) == 1
+
+
+def test_flip_mirrors_keypoints_and_swaps_left_and_right():
+    image = tv_tensors.Image(torch.zeros(3, 20, 30, dtype=torch.uint8))
+    keypoints = torch.zeros(1, 17, 3)
+    keypoints[0, 1] = torch.tensor([10.0, 5.0, 2.0])  # left eye at x = 10
+    keypoints[0, 2] = torch.tensor([14.0, 5.0, 1.0])  # right eye at x = 14
+    target = {
+        "boxes": tv_tensors.BoundingBoxes([[8, 2, 16, 18]], format="XYXY", canvas_size=(20, 30)),
+        "labels": torch.tensor([1]),
+        "keypoints": keypoints,
+        "image_id": 0,
+    }
+    _, out = transforms.HorizontalFlip(p=1.0)(image, target)
+    assert out["keypoints"][0, 1].tolist() == [16.0, 5.0, 1.0]  # the new left eye is the mirrored right eye
+    assert out["keypoints"][0, 2].tolist() == [20.0, 5.0, 2.0]
+    assert out["boxes"].tolist() == [[14, 2, 22, 18]]

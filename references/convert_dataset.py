@@ -1,0 +1,509 @@
+"""Convert detection annotations between Pascal VOC xml, COCO json and mmdetection's list of dicts (.json / .pkl).
+
+    python references/convert_dataset.py --from voc --data-path ROOT [--split train] [--classes a,b] \
+        --to coco --out train.json
+    python references/convert_dataset.py --from coco --ann-file instances.json --img-prefix IMAGES \
+        --to custom --out train.json
+    python references/convert_dataset.py --from custom --ann-file train.json --img-prefix IMAGES --classes a,b \
+        --to coco --out coco.json
+    python references/convert_dataset.py --from coco --ann-file instances.json --img-prefix IMAGES \
+        --to voc --out DIR [--split train]
+
+Only annotations are read (sizes from the annotation, or from an image header when a VOC xml has none) and written:
+images are never decoded, copied or moved. File names in the output are relative to the same image folder as the
+input's: ROOT/JPEGImages for VOC, --img-prefix for COCO and the list of dicts. What is written where:
+    coco    one json; category ids 1..K in class order; box-only (segmentation is not converted)
+    custom  FILE.json or FILE.pkl, plus the class names, one a line, in FILE.classes.txt (labels index into them)
+    voc     DIR/Annotations/<id>.xml, DIR/ImageSets/Main/<split>.txt, DIR/classes.txt, and DIR/JPEGImages as a
+            symbolic link to the image folder (VOC reads DIR/JPEGImages/<id>.jpg, so only .jpg images convert)
+
+Ignored regions map onto each other: VOC difficult=1 <-> COCO iscrowd=1 <-> bboxes_ignore / labels_ignore.
+Classes: a COCO file names its own, in sorted category-id order; a list of dicts needs --classes; VOC takes --classes
+or, without it, the names found in the xml files, sorted (for Pascal VOC itself that is the usual 20-class order).
+Boxes the dataset classes would drop (zero width or height, wholly outside the image) are dropped and boxes crossing
+the border clipped, with the same warning as the dataset classes give, so the output holds what training would see.
+The output is then loaded back with the project's dataset class, and its image and box counts checked against the
+input's. Exit code 2 with one "error: ..." line on a bad flag, an unreadable input or a count mismatch.
+"""
+
+import argparse
+import json
+import os
+import pickle
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the core is one folder up
+
+from datasets.coco import BoxChecker, CocoDetection, _read_coco  # noqa: E402
+from datasets.custom import CustomDataset, _boxes_and_labels, load_middle_format  # noqa: E402
+from datasets.voc import BOX_TAGS, VOCDetection, list_annotation_ids, parse_annotation, read_classes  # noqa: E402
+from utils import SetupError  # noqa: E402
+
+FORMATS = ("voc", "coco", "custom")
+DEFAULT_VOC_SPLIT = "trainval"  # the split file --to voc writes when --split is not given
+
+# Records, the common form every reader returns and every writer takes, one dict per image:
+#   {"file_name": path relative to the image folder, "width": int, "height": int,
+#    "boxes": [[x1, y1, x2, y2], ...] float pixel edges (0-based, x2 = x1 + width), "labels": [0-based class index],
+#    "ignore": [0 or 1]}   (readers add "valid": [bool], the format's own box test, consumed by drop_and_clip)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_argument_group("input")
+    source.add_argument("--from", dest="from_format", default=None, choices=FORMATS, help="input format (required)")
+    source.add_argument(
+        "--data-path",
+        "--img-prefix",
+        default=None,
+        type=str,
+        help="voc: the root holding Annotations/ and JPEGImages/ (required); coco, custom: the folder image file "
+        "names are relative to, needed to load the output back (default: the folder of --ann-file)",
+    )
+    source.add_argument("--ann-file", default=None, type=str, help="coco json, or custom .json/.pkl (required there)")
+    source.add_argument(
+        "--split",
+        default=None,
+        type=str,
+        help="voc input: read ImageSets/Main/SPLIT.txt (default: every xml in Annotations/); "
+        f"voc output: the split file to write (default {DEFAULT_VOC_SPLIT})",
+    )
+    source.add_argument(
+        "--classes",
+        default=None,
+        type=str,
+        help="class names, a,b,c or a classes.txt: required for custom input; voc input: default the names found, "
+        "sorted; coco input: from its categories",
+    )
+    target = parser.add_argument_group("output")
+    target.add_argument("--to", dest="to_format", default=None, choices=FORMATS, help="output format (required)")
+    target.add_argument(
+        "--out", default=None, type=str, help="coco: FILE.json; custom: FILE.json or FILE.pkl; voc: DIR (required)"
+    )
+    target.add_argument(
+        "--workers",
+        default=os.cpu_count() or 1,
+        type=int,
+        help=f"processes reading and writing VOC xml files (default os.cpu_count(), here {os.cpu_count()})",
+    )
+    return parser
+
+
+def check_args(args):
+    """Every flag problem before any file is read."""
+    if args.from_format is None or args.to_format is None or args.out is None:
+        raise SetupError(f"pass --from and --to (one of {', '.join(FORMATS)}) and --out")
+    if args.from_format == args.to_format:
+        raise SetupError(f"--from and --to are both {args.from_format}: nothing to convert")
+    if args.from_format == "voc" and not args.data_path:
+        raise SetupError("--from voc needs --data-path ROOT (the folder holding Annotations/ and JPEGImages/)")
+    if args.from_format != "voc" and not args.ann_file:
+        raise SetupError(f"--from {args.from_format} needs --ann-file FILE")
+    if args.from_format == "custom" and not args.classes:
+        raise SetupError("--from custom needs --classes a,b,c (or classes.txt): the file stores only label indices")
+    if args.from_format == "coco" and args.classes:
+        raise SetupError("--from coco takes the class names from the file's categories; drop --classes")
+    suffixes = {"coco": (".json",), "custom": (".json", ".pkl"), "voc": None}[args.to_format]
+    if suffixes and Path(args.out).suffix not in suffixes:
+        raise SetupError(f"--to {args.to_format} writes a {' or '.join(suffixes)} file; got --out {args.out}")
+    if args.to_format == "voc" and Path(args.out).is_file():
+        raise SetupError(f"--to voc writes a folder, and {args.out} is a file")
+    if args.workers < 1:
+        raise SetupError("--workers must be >= 1")
+
+
+def parallel_map(function, tasks, workers, what):
+    """[function(task) for task in tasks], in order, on `workers` processes, with a "\\r[n/N] what" line on stderr."""
+    total = len(tasks)
+    # about 100 updates on a terminal; in a log file (where \r does not go back) only the last one
+    every = max(1, total // 100) if sys.stderr.isatty() else total
+
+    def progress(results):
+        for n, result in enumerate(results, start=1):
+            if n % every == 0 or n == total:
+                print(f"\r[{n}/{total}] {what}", end="\n" if n == total else "", file=sys.stderr, flush=True)
+            yield result
+
+    if workers == 1 or total < 2:
+        return list(progress(map(function, tasks)))
+    with ProcessPoolExecutor(min(workers, total)) as pool:
+        # chunks of several files: one xml is far cheaper than a round trip to a worker process
+        return list(progress(pool.map(function, tasks, chunksize=max(1, total // (4 * workers)))))
+
+
+def _coordinate(value):
+    """A coordinate as written to json or xml: an int when whole, else rounded to 1e-6 px.
+
+    (xmin - 1) + 1 can differ from xmin in the last bit of a float; the rounding makes 273.3 come back as 273.3.
+    """
+    value = round(float(value), 6)
+    return int(value) if value.is_integer() else value
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def _read_voc_xml(task):
+    """Worker: (xml path, image path) -> parse_annotation's (width, height, objects), the size from the image
+    header when the xml has none."""
+    xml_path, image_path = task
+    width, height, objects = parse_annotation(xml_path)
+    if not width or not height:
+        if not image_path.is_file():
+            raise SetupError(f"{xml_path} has no <size> and its image {image_path} is missing; restore one of them")
+        with Image.open(image_path) as im:  # reads the header only
+            width, height = im.size
+    return width, height, objects
+
+
+def read_voc(root, split, classes, workers):
+    """-> (records, class names, image folder) from ROOT/Annotations, the ids of ImageSets/Main/SPLIT.txt or all."""
+    root = Path(root)
+    if split:
+        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+        if not split_file.is_file():
+            raise SetupError(f"split file {split_file} not found; pass an existing --split, or none for every xml")
+        ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    else:
+        ids = list_annotation_ids(root)
+    if not ids:
+        raise SetupError(f"no annotations found in {root / 'Annotations'} (split {split or 'all'})")
+    tasks = [(root / "Annotations" / f"{i}.xml", root / "JPEGImages" / f"{i}.jpg") for i in ids]
+    parsed = parallel_map(_read_voc_xml, tasks, workers, "xml files read")
+
+    found = sorted({name for _, _, objects in parsed for name, _, _ in objects})
+    classes = read_classes(classes) if classes else found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise SetupError(
+            f"the xml files use class names that are not in --classes: {', '.join(unknown)}; pass every class name, "
+            f"e.g. --classes {','.join(list(classes) + unknown)} (the order sets the labels)"
+        )
+    index = {name: k for k, name in enumerate(classes)}
+    records = []
+    for image_id, (width, height, objects) in zip(ids, parsed):
+        records.append(
+            {
+                "file_name": f"{image_id}.jpg",
+                "width": int(width),
+                "height": int(height),
+                # VOC is 1-based and includes both ends: pixel edges are x1 = xmin - 1, x2 = xmax (datasets/voc.py)
+                "boxes": [[xmin - 1, ymin - 1, xmax, ymax] for _, (xmin, ymin, xmax, ymax), _ in objects],
+                "labels": [index[name] for name, _, _ in objects],
+                "ignore": [difficult for _, _, difficult in objects],
+                # VOCDetection's test: xmax == xmin is a click without a drag, not a 1-pixel object
+                "valid": [xmax > xmin and ymax > ymin for _, (xmin, ymin, xmax, ymax), _ in objects],
+            }
+        )
+    return records, classes, root / "JPEGImages"
+
+
+def read_coco(ann_file):
+    """-> (records, class names) from a COCO json; images in id order and classes in category-id order, as
+    CocoDetection numbers them. Segmentations are not read: the other formats hold boxes only."""
+    categories, images, anns_per_image = _read_coco(ann_file)
+    if any(ann.get("segmentation") for anns in anns_per_image.values() for ann in anns):
+        print(f"note: {ann_file} has segmentations; they are not converted (boxes only)")
+    index = {c["id"]: k for k, c in enumerate(categories)}
+    records = []
+    for im in images:
+        anns = anns_per_image[im["id"]]
+        records.append(
+            {
+                "file_name": im["file_name"],
+                "width": int(im["width"]),
+                "height": int(im["height"]),
+                "boxes": [[x, y, x + w, y + h] for x, y, w, h in (ann["bbox"] for ann in anns)],
+                "labels": [index[ann["category_id"]] for ann in anns],
+                "ignore": [1 if ann.get("iscrowd") else 0 for ann in anns],
+                "valid": [w > 0 and h > 0 for _, _, w, h in (ann["bbox"] for ann in anns)],
+            }
+        )
+    return records, [c["name"] for c in categories]
+
+
+def read_custom(ann_file, classes):
+    """-> (records, class names) from mmdetection's list of dicts; ignored boxes follow the others in each image."""
+    classes = read_classes(classes)
+    records = []
+    for n, entry in enumerate(load_middle_format(ann_file)):
+        where = f"{ann_file}, entry {n}"
+        try:
+            file_name, width, height = entry["filename"], int(entry["width"]), int(entry["height"])
+        except (KeyError, TypeError) as e:
+            raise SetupError(f"{where}: every entry needs filename, width and height ({e!r})") from None
+        ann = entry.get("ann") or {}  # test-set files have no "ann"
+        # float64: the coordinates exactly as written (the dataset class reads float32, enough to train on)
+        boxes, labels = _boxes_and_labels(ann, "bboxes", "labels", where, dtype=np.float64)
+        ignore_boxes, ignore_labels = _boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where, np.float64)
+        labels = np.concatenate([labels, ignore_labels])
+        if ((labels < 0) | (labels >= len(classes))).any():
+            raise SetupError(
+                f"{where}: labels must be 0..{len(classes) - 1} (0-based, one per class name), found "
+                f"{sorted(set(labels.tolist()))}; pass every class name in --classes"
+            )
+        boxes = np.concatenate([boxes, ignore_boxes])
+        records.append(
+            {
+                "file_name": file_name,
+                "width": width,
+                "height": height,
+                "boxes": boxes.tolist(),
+                "labels": labels.tolist(),
+                "ignore": [0] * (len(labels) - len(ignore_labels)) + [1] * len(ignore_labels),
+                "valid": ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).tolist(),
+            }
+        )
+    return records, classes
+
+
+def drop_and_clip(records, source):
+    """Drop the boxes the dataset classes drop and clip those they clip, with their warning (datasets.coco.BoxChecker).
+
+    BoxChecker decides on float32 tensors, as the dataset classes do; the clipping itself is redone here in float64
+    so that every coordinate inside the image stays exactly as written.
+    """
+    checker = BoxChecker(source)
+    for record in records:
+        width, height = record["width"], record["height"]
+        boxes = torch.tensor(record["boxes"], dtype=torch.float32).reshape(-1, 4)
+        valid = torch.tensor(record.pop("valid"), dtype=torch.bool)
+        _, keep = checker(boxes, valid, height, width, record["file_name"])
+        keep = keep.tolist()
+        record["boxes"] = [
+            [min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height)]
+            for (x1, y1, x2, y2), k in zip(record["boxes"], keep)
+            if k
+        ]
+        record["labels"] = [label for label, k in zip(record["labels"], keep) if k]
+        record["ignore"] = [ignore for ignore, k in zip(record["ignore"], keep) if k]
+    checker.warn()
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ writers
+def write_coco(records, classes, out):
+    """One json; image ids 1..N in record order, category ids 1..K in class order, box-only annotations."""
+    images, annotations = [], []
+    for image_id, record in enumerate(records, start=1):
+        images.append(
+            {"id": image_id, "file_name": record["file_name"], "width": record["width"], "height": record["height"]}
+        )
+        for (x1, y1, x2, y2), label, ignore in zip(record["boxes"], record["labels"], record["ignore"]):
+            w, h = x2 - x1, y2 - y1
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "bbox": [_coordinate(v) for v in (x1, y1, w, h)],
+                    "area": _coordinate(w * h),
+                    "iscrowd": ignore,  # an ignored region with a box and no segmentation
+                }
+            )
+    categories = [{"id": k, "name": name} for k, name in enumerate(classes, start=1)]
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+
+def classes_file_of(out):
+    """Where --to custom puts the class names: train.json -> train.classes.txt."""
+    return Path(out).with_suffix(".classes.txt")
+
+
+def write_custom(records, classes, out):
+    """mmdetection's list of dicts; a .pkl holds numpy arrays (float32 boxes, int64 labels) as mmcv.dump writes."""
+    pkl = Path(out).suffix == ".pkl"
+    entries = []
+    for record in records:
+        ann = {}
+        for flag, box_key, label_key in ((0, "bboxes", "labels"), (1, "bboxes_ignore", "labels_ignore")):
+            chosen = [i for i, ignore in enumerate(record["ignore"]) if ignore == flag]
+            boxes = [[_coordinate(v) for v in record["boxes"][i]] for i in chosen]
+            labels = [record["labels"][i] for i in chosen]
+            if pkl:  # mmdetection indexes these as arrays, shape (0, 4) when empty
+                boxes, labels = np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
+            ann[box_key], ann[label_key] = boxes, labels
+        entries.append(
+            {"filename": record["file_name"], "width": record["width"], "height": record["height"], "ann": ann}
+        )
+    if pkl:
+        with open(out, "wb") as f:
+            pickle.dump(entries, f)
+    else:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(entries, f)
+    classes_file_of(out).write_text("".join(f"{name}\n" for name in classes), encoding="utf-8")
+
+
+def _write_voc_xml(task):
+    """Worker: (xml path, width, height, objects) -> the xml file; objects as parse_annotation returns them."""
+    xml_path, width, height, objects = task
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "JPEGImages"
+    ET.SubElement(root, "filename").text = f"{xml_path.stem}.jpg"
+    size = ET.SubElement(root, "size")
+    # depth is not known without decoding the image; 3 (RGB) is what VOC and labelImg write for colour images
+    for tag, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(value)
+    for name, box, difficult in objects:
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = name
+        ET.SubElement(obj, "difficult").text = str(difficult)
+        bndbox = ET.SubElement(obj, "bndbox")
+        for tag, value in zip(BOX_TAGS, box):
+            ET.SubElement(bndbox, tag).text = str(value)
+    ET.indent(root)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(root).write(xml_path, encoding="utf-8")
+
+
+def voc_ids(records):
+    """The VOC id of each record (its file name without .jpg); refuses what the VOC layout cannot hold."""
+    ids = []
+    for record in records:
+        path = Path(record["file_name"])
+        if path.is_absolute() or ".." in path.parts or any(c.isspace() for c in record["file_name"]):
+            raise SetupError(f"{record['file_name']!r}: a VOC id must be a relative path without '..' or spaces")
+        ids.append(path.with_suffix("").as_posix())
+    not_jpg = [r["file_name"] for r in records if Path(r["file_name"]).suffix != ".jpg"]
+    if not_jpg:
+        raise SetupError(
+            f"the VOC layout holds JPEGImages/<id>.jpg only, and {len(not_jpg)} images are not .jpg (first: "
+            f"{not_jpg[0]}); convert them to JPEG first, or use --to coco / --to custom"
+        )
+    if len(set(ids)) != len(ids):
+        raise SetupError("two images share a file name; the VOC layout needs one xml per image")
+    return ids
+
+
+def write_voc(records, classes, out, split, images, workers):
+    """DIR/Annotations/<id>.xml, DIR/ImageSets/Main/<split>.txt, DIR/classes.txt and the DIR/JPEGImages link."""
+    out = Path(out)
+    ids = voc_ids(records)
+    tasks = []
+    for image_id, record in zip(ids, records):
+        objects = [
+            # pixel edges back to VOC's 1-based inclusive numbering: xmin = x1 + 1, xmax = x2
+            (classes[label], [_coordinate(v) for v in (x1 + 1, y1 + 1, x2, y2)], ignore)
+            for (x1, y1, x2, y2), label, ignore in zip(record["boxes"], record["labels"], record["ignore"])
+        ]
+        tasks.append((out / "Annotations" / f"{image_id}.xml", record["width"], record["height"], objects))
+    parallel_map(_write_voc_xml, tasks, workers, "xml files written")
+    (out / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    (out / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+    (out / "classes.txt").write_text("".join(f"{name}\n" for name in classes), encoding="utf-8")
+    link = out / "JPEGImages"
+    if not link.exists() and not link.is_symlink():
+        try:  # a link, not a copy: the output folder is a complete VOC root at no disk cost
+            link.symlink_to(Path(images).resolve(), target_is_directory=True)
+        except OSError as e:
+            raise SetupError(f"could not link {link} to {images} ({e}); copy the images there and rerun") from None
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def count_boxes(records, num_classes):
+    """int64 [K, 2]: per class, the boxes (ignored ones included) and the ignored boxes among them."""
+    counts = np.zeros((num_classes, 2), dtype=np.int64)
+    for record in records:
+        for label, ignore in zip(record["labels"], record["ignore"]):
+            counts[label] += (1, ignore)
+    return counts
+
+
+def load_back(to_format, out, classes, images, split):
+    """The output through the project's dataset class (no image decoded), and its [K, 2] counts as count_boxes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # drop_and_clip warned already; a difference shows in the counts
+        if to_format == "coco":
+            ds = CocoDetection(images, out)
+            found = [
+                {
+                    "labels": [ds.category_id_to_label[ann["category_id"]] - 1 for ann in record["anns"]],
+                    "ignore": [1 if ann.get("iscrowd") else 0 for ann in record["anns"]],
+                }
+                for record in ds.images
+            ]
+        else:
+            ds = CustomDataset(out, images, classes) if to_format == "custom" else VOCDetection(out, split, classes)
+            found = [{"labels": (i["labels"] - 1).tolist(), "ignore": i["iscrowd"].tolist()} for i in ds.items]
+    return ds, count_boxes(found, len(classes))
+
+
+def print_summary(records, classes, counts):
+    print(f"{len(records)} images, {counts[:, 0].sum()} boxes, of which {counts[:, 1].sum()} ignored")
+    width = max(len("class"), *(len(name) for name in classes))
+    print(f"  {'class':<{width}} {'boxes':>7} {'ignored':>7}")
+    for name, (boxes, ignored) in zip(classes, counts.tolist()):
+        print(f"  {name:<{width}} {boxes:>7} {ignored:>7}")
+
+
+def main(args):
+    check_args(args)
+    if args.from_format == "voc":
+        records, classes, images = read_voc(args.data_path, args.split, args.classes, args.workers)
+        source = Path(args.data_path) / "Annotations"
+    else:
+        if args.from_format == "coco":
+            records, classes = read_coco(args.ann_file)
+        else:
+            records, classes = read_custom(args.ann_file, args.classes)
+        images, source = Path(args.data_path or Path(args.ann_file).parent), args.ann_file
+    print(f"read {len(records)} images from {source}; classes: {', '.join(classes)}")
+    # the check after writing loads the output with the dataset classes, which insist on every image being there
+    missing = [r["file_name"] for r in records if not (images / r["file_name"]).is_file()]
+    if missing:
+        fix = "restore them" if args.from_format == "voc" else "pass --img-prefix DIR, the folder they are relative to"
+        raise SetupError(
+            f"{len(missing)} of the {len(records)} images are not in {images} (first: {missing[0]}); {fix}: the "
+            f"output is checked by loading it with its images"
+        )
+    records = drop_and_clip(records, source)
+    expected = count_boxes(records, len(classes))
+
+    out = Path(args.out)
+    split = args.split or DEFAULT_VOC_SPLIT
+    (out if args.to_format == "voc" else out.parent).mkdir(parents=True, exist_ok=True)
+    if args.to_format == "coco":
+        write_coco(records, classes, out)
+    elif args.to_format == "custom":
+        write_custom(records, classes, out)
+    else:
+        write_voc(records, classes, out, split, images, args.workers)
+
+    try:
+        ds, found = load_back(args.to_format, out, classes, images, split)
+    except SetupError as e:
+        raise SetupError(f"wrote {out}, but it does not load back with the images in {images}: {e}") from None
+    if len(ds) != len(records) or not np.array_equal(found, expected):
+        differ = [f"{name} {e} -> {f}" for name, e, f in zip(classes, expected.tolist(), found.tolist()) if e != f]
+        hint = " (VOC drops boxes 1 px wide or high or less: xmax == xmin reads as a click)" * (args.to_format == "voc")
+        raise SetupError(
+            f"wrote {out}, but it loads back as {len(ds)} images (input: {len(records)}) and [boxes, ignored] per "
+            f"class differ: {'; '.join(differ) or 'none'}{hint}"
+        )
+    print(f"wrote {out} ({args.to_format}); it loads back with the same images and boxes")
+    if args.to_format == "custom":
+        print(f"classes: {classes_file_of(out)} (pass it as --classes); images: {images}")
+    elif args.to_format == "voc":
+        linked = f"a link to {images}" if (out / "JPEGImages").is_symlink() else "already there"
+        print(f"classes: {out / 'classes.txt'}; images: {out / 'JPEGImages'} ({linked}; images are never copied)")
+    else:
+        print(f"images: {images} (file names are relative to it)")
+    print_summary(records, classes, expected)
+    return records, classes
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
