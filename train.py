@@ -43,6 +43,11 @@ def get_args_parser(add_help=True):
     data.add_argument("--classes", default=None, help="class names: a,b,c or a classes.txt (voc: default the 20 VOC)")
     data.add_argument("--drop-empty", action="store_true", help="coco: skip training images without objects")
     data.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on zero-size or outside boxes instead of dropping them (default off)",
+    )
+    data.add_argument(
         "--data-path",
         "--img-prefix",
         default=None,
@@ -202,6 +207,8 @@ def get_datasets(args):
         "voc": dict(**split, classes=args.classes, train_split=args.train_split, val_split=args.val_split),
         "custom": dict(**split, **annotations, classes=args.classes),
     }[args.dataset]
+    if args.dataset != "pennfudan":  # boxes made from Penn-Fudan's masks are never degenerate
+        options["strict"] = args.strict
     if args.data_path is None and args.dataset != "pennfudan":
         raise utils.SetupError(f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder)")
     root = args.data_path or os.path.join("data", "PennFudanPed")

@@ -65,8 +65,12 @@ def get_coco(
     val_images=None,
     masks=False,
     keep_empty=True,
+    strict=False,
 ):
-    """COCO json: ROOT/{train,val}2017/ and ROOT/annotations/instances_{train,val}2017.json unless given."""
+    """COCO json: ROOT/{train,val}2017/ and ROOT/annotations/instances_{train,val}2017.json unless given.
+
+    strict (all builders but Penn-Fudan): refuse zero-size or outside boxes instead of dropping them with a warning.
+    """
     root = Path(root)
     train = CocoDetection(
         train_images or root / "train2017",
@@ -74,12 +78,14 @@ def get_coco(
         train_transforms,
         masks=masks,
         keep_empty=keep_empty,
+        strict=strict,
     )
     val = CocoDetection(
         val_images or root / "val2017",
         val_ann or root / "annotations/instances_val2017.json",
         val_transforms,
         masks=masks,
+        strict=strict,
     )
     if train.classes != val.classes:
         raise SetupError(f"train and val annotation files list different categories: {train.classes} vs {val.classes}")
@@ -95,6 +101,7 @@ def get_voc(
     val_split="val",
     val_size=50,
     split_seed=0,
+    strict=False,
 ):
     """Pascal VOC layout; without ImageSets/Main/{split}.txt every xml in Annotations/ is used, split seeded."""
     classes = read_classes(classes) if classes else list(VOC_CLASSES)
@@ -104,23 +111,31 @@ def get_voc(
         ids = list_annotation_ids(root)
         train_idx, val_idx = random_split(len(ids), val_size, split_seed)
         train_ids, val_ids = [ids[i] for i in train_idx], [ids[i] for i in val_idx]
-    train = VOCDetection(root, train_split, classes, train_transforms, split_ids=train_ids)
-    val = VOCDetection(root, val_split, classes, val_transforms, split_ids=val_ids)
+    train = VOCDetection(root, train_split, classes, train_transforms, split_ids=train_ids, strict=strict)
+    val = VOCDetection(root, val_split, classes, val_transforms, split_ids=val_ids, strict=strict)
     return train, val, list(classes)
 
 
 def get_custom(
-    root, train_transforms, val_transforms, train_ann=None, val_ann=None, classes=None, val_size=50, split_seed=0
+    root,
+    train_transforms,
+    val_transforms,
+    train_ann=None,
+    val_ann=None,
+    classes=None,
+    val_size=50,
+    split_seed=0,
+    strict=False,
 ):
     """mmdetection's list-of-dicts (.json / .pkl) with images under ROOT; one file is split seeded."""
     if not train_ann or not classes:
         raise SetupError("--dataset custom needs --ann-file FILE (.json or .pkl) and --classes a,b,c (or classes.txt)")
     classes = read_classes(classes)
-    train = CustomDataset(train_ann, root, classes, train_transforms)
+    train = CustomDataset(train_ann, root, classes, train_transforms, strict)
     if val_ann:
-        return train, CustomDataset(val_ann, root, classes, val_transforms), classes
+        return train, CustomDataset(val_ann, root, classes, val_transforms, strict), classes
     train_idx, val_idx = random_split(len(train), val_size, split_seed)
-    val = CustomDataset(train_ann, root, classes, val_transforms)
+    val = CustomDataset(train_ann, root, classes, val_transforms, strict)
     return Subset(train, train_idx), Subset(val, val_idx), classes
 
 

@@ -56,8 +56,9 @@ class BoxChecker:
     covers no pixel: torchvision's box regression takes the log of its width, so one such box is a NaN loss.
     """
 
-    def __init__(self, source):
+    def __init__(self, source, strict=False):
         self.source = source  # the annotation file or folder, named in the warning
+        self.strict = strict  # raise instead of warning
         self.dropped = self.clipped = 0
         self.files = []  # files with a dropped or clipped box
 
@@ -74,13 +75,21 @@ class BoxChecker:
         return clipped, keep
 
     def warn(self):
-        if self.files:
-            warnings.warn(
-                f"{self.source}: dropped {self.dropped} boxes with zero width or height or outside their image, and "
-                f"clipped {self.clipped} boxes to their image, in {len(self.files)} files (first: "
-                f"{', '.join(self.files[:3])}). Fix those annotations to train and evaluate on what you drew.",
-                stacklevel=3,
+        if not self.files:
+            return
+        first = ", ".join(self.files[:3])
+        if self.strict:
+            raise SetupError(
+                f"{self.source}: {self.dropped} boxes with zero width or height or outside their image and "
+                f"{self.clipped} crossing its border, in {len(self.files)} files (first: {first}).\n"
+                f"  Fix those annotations, or drop --strict to have them dropped and clipped."
             )
+        warnings.warn(
+            f"{self.source}: dropped {self.dropped} boxes with zero width or height or outside their image, and "
+            f"clipped {self.clipped} boxes to their image, in {len(self.files)} files (first: {first}). "
+            f"Fix those annotations to train and evaluate on what you drew.",
+            stacklevel=3,
+        )
 
 
 def _segmentation_to_rle(segmentation, box, height, width):
@@ -132,7 +141,7 @@ class CocoDetection(torch.utils.data.Dataset):
     them. keep_empty=False drops images without any (valid) box; by default they stay, as negatives.
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None, masks=False, keep_empty=True):
+    def __init__(self, img_folder, ann_file, transforms=None, masks=False, keep_empty=True, strict=False):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         self.transforms = transforms
@@ -148,7 +157,7 @@ class CocoDetection(torch.utils.data.Dataset):
         # J keypoints per instance, 0 when the file has none (COCO's person_keypoints files have 17)
         self.num_keypoints = max((len(ann.get("keypoints") or []) // 3 for ann in annotations), default=0)
 
-        checker = BoxChecker(self.ann_file)
+        checker = BoxChecker(self.ann_file, strict)
         self.images = []  # per image: where it is, its size, its kept annotations and their clipped XYXY boxes
         for im in images:
             anns = anns_per_image[im["id"]]

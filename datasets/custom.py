@@ -100,12 +100,12 @@ class CustomDataset(torch.utils.data.Dataset):
     `classes` are the K class names, classes[k] naming mmdetection's label k (our label k + 1).
     """
 
-    def __init__(self, ann_file, img_prefix, classes, transforms=None):
+    def __init__(self, ann_file, img_prefix, classes, transforms=None, strict=False):
         self.ann_file = Path(ann_file)
         self.img_prefix = Path(img_prefix)
         self.classes = list(classes)
         self.transforms = transforms
-        checker = BoxChecker(self.ann_file)
+        checker = BoxChecker(self.ann_file, strict)
         self.items = []  # per image: path, size, and its kept boxes, labels and iscrowd
         for index, entry in enumerate(load_middle_format(self.ann_file)):
             where = f"{self.ann_file}, entry {index}"

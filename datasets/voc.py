@@ -96,7 +96,7 @@ class VOCDetection(torch.utils.data.Dataset):
     evaluation, which is how VOC's own metric treats them.
     """
 
-    def __init__(self, root, split="train", classes=VOC_CLASSES, transforms=None, split_ids=None):
+    def __init__(self, root, split="train", classes=VOC_CLASSES, transforms=None, split_ids=None, strict=False):
         self.root = Path(root)
         self.classes = list(classes)
         self.transforms = transforms
@@ -114,7 +114,7 @@ class VOCDetection(torch.utils.data.Dataset):
 
         label_of = {name: k for k, name in enumerate(self.classes, start=1)}
         unknown = {}  # class name not in classes -> first xml that uses it
-        checker = BoxChecker(self.root / "Annotations")
+        checker = BoxChecker(self.root / "Annotations", strict)
         self.items = []  # per image: path, size, and its kept boxes, labels and iscrowd
         for image_id in self.ids:
             xml_path = self.root / "Annotations" / f"{image_id}.xml"

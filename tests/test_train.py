@@ -291,3 +291,24 @@ def test_real_tiny_coco_person_keypoints(tmp_path, capsys):
             tmp_path,
             *TINY,
         )
+
+
+def test_strict_refuses_bccd_zero_size_boxes(tmp_path):
+    from conftest import SHARED_DATA
+
+    root = SHARED_DATA / "BCCD"
+    if not (root / "Annotations").is_dir():
+        pytest.skip(f"BCCD not found at {root} (set DETECTION_DATA)")
+    with pytest.raises(train.utils.SetupError, match="(?s)BloodImage_00343.*drop --strict"):
+        run(
+            "--dataset",
+            "voc",
+            "--data-path",
+            root,
+            "--classes",
+            "RBC,WBC,Platelets",
+            "--strict",
+            "--output-dir",
+            tmp_path,
+            *TINY,
+        )
