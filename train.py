@@ -206,8 +206,8 @@ def get_datasets(args):
         ),
         "voc": dict(**split, classes=args.classes, train_split=args.train_split, val_split=args.val_split),
         "custom": dict(**split, **annotations, classes=args.classes),
-    }[args.dataset]
-    if args.dataset != "pennfudan":  # boxes made from Penn-Fudan's masks are never degenerate
+    }.get(args.dataset, dict(**annotations, classes=args.classes))  # a dataset you add: annotation files, classes
+    if args.dataset in ("coco", "voc", "custom"):  # (boxes made from Penn-Fudan's masks are never degenerate)
         options["strict"] = args.strict
     if args.data_path is None and args.dataset != "pennfudan":
         raise utils.SetupError(f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder)")
