@@ -495,4 +495,5 @@ if __name__ == "__main__":
     try:
         main(args)
     except utils.SetupError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

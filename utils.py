@@ -308,20 +308,23 @@ def peak_memory_mb():
 
 
 def read_log(path):
-    """log.jsonl -> (per-epoch records, per-iteration records)."""
+    """log.jsonl -> (per-epoch records, per-iteration records); a half-written last line (a killed run) is skipped."""
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
     return [r for r in records if "iter" not in r], [r for r in records if "iter" in r]
 
 
 def plot_curves(log_files, out_file, names=None):
     """One PNG of every run's training losses, lr and validation AP over epochs. Returns False without matplotlib
     (an optional dependency)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
+    try:  # a Figure drawn on an Agg canvas: no display needed, and pyplot's global backend is left alone
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return False
     runs = [(name, *read_log(path)) for name, path in zip(names or map(str, log_files), log_files)]
@@ -330,31 +333,40 @@ def plot_curves(log_files, out_file, names=None):
     )
     panels = [*loss_names, "lr", "AP"]
     cols, rows = 3, (len(panels) + 2) // 3
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(5 * cols, 3.2 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        for name, epochs, iters in runs:
+        for run, (name, epochs, iters) in enumerate(runs):
+            color = f"C{run}"  # one colour per run in every panel
             if panel == "AP":
                 for iou_type in ("bbox", "segm"):
                     points = [(r["epoch"] + 1, r[iou_type]["AP"]) for r in epochs if iou_type in r]
                     if points:
-                        ax.plot(*zip(*points), marker="o", label=f"{name} {iou_type}")
+                        ax.plot(
+                            *zip(*points),
+                            marker="o" if iou_type == "bbox" else "s",
+                            color=color,
+                            label=f"{name} {iou_type}",
+                        )
                 continue
             steps = [r for r in iters if panel in r]
             if steps:  # x in epochs: iteration i of epoch e sits at e + i / iterations per epoch
                 per_epoch = max(r["iter"] for r in steps) + 1
-                ax.plot([r["epoch"] + r["iter"] / per_epoch for r in steps], [r[panel] for r in steps], alpha=0.4)
+                x = [r["epoch"] + r["iter"] / per_epoch for r in steps]
+                ax.plot(x, [r[panel] for r in steps], alpha=0.35, color=color)
             points = [(r["epoch"] + 1, r["train"][panel]) for r in epochs if panel in r.get("train", {})]
             if points:
-                ax.plot(*zip(*points), marker="o", label=f"{name} train")
+                ax.plot(*zip(*points), marker="o", color=color, label=f"{name} train")
             val = [(r["epoch"] + 1, r["val_loss"][panel]) for r in epochs if panel in (r.get("val_loss") or {})]
             if val:
-                ax.plot(*zip(*val), marker="s", linestyle="--", label=f"{name} val")
+                ax.plot(*zip(*val), marker="s", linestyle="--", color=color, label=f"{name} val")
         ax.set_title(panel)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_file, dpi=80)
-    plt.close(fig)
     return True
