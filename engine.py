@@ -35,41 +35,61 @@ def _without_crowd(target):
 
 
 def train_one_epoch(
-    model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None, log_file=None
+    model,
+    optimizer,
+    data_loader,
+    device,
+    epoch,
+    print_freq,
+    scaler=None,
+    amp_dtype=None,
+    log_file=None,
+    first_step=0,
+    should_stop=None,
+    max_nonfinite=0,
 ):
     """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
 
-    Returns the epoch's mean of each loss (and of lr); every `print_freq` steps the current values are also
-    appended to the JSON-lines `log_file` (rank 0), for curves finer than one point per epoch. A non-finite loss
-    raises FloatingPointError naming the batch's image ids and every loss value, instead of training on NaNs.
+    Returns the epoch's mean of each loss (and of lr) and "steps": the steps of this epoch done so far. Every
+    `print_freq` steps the current values are also appended to the JSON-lines `log_file` (rank 0).
+    first_step: steps of this epoch done before a resume (the loader already skips their batches).
+    should_stop(): checked after every step (a signal arrived); when true the epoch ends early, "steps" says where.
+    A non-finite loss raises FloatingPointError naming the batch's image ids and every loss value; with
+    max_nonfinite > 0, that many such steps are skipped (not applied) first, each reported.
     """
     model.train()
     metric_logger = utils.MetricLogger()
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    warmup = None
-    if epoch == 0:
-        # Fresh heads on pretrained features give large early gradients: ramp the lr up to stay stable.
-        warmup_iters = min(1000, len(data_loader) - 1)
-        if warmup_iters > 0:
-            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, total_iters=warmup_iters)
-
-    for step, (images, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]")):
+    # Fresh heads on pretrained features give large early gradients: ramp the lr up over the first epoch.
+    warmup_iters = min(1000, first_step + len(data_loader) - 1) if epoch == 0 else 0
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    step, skipped = first_step, 0
+    for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
+        if step < warmup_iters:  # lr/1000 at step 0, rising linearly to lr at step warmup_iters
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * (1e-3 + (1 - 1e-3) * step / warmup_iters)
+        elif step == warmup_iters and epoch == 0:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"]
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [_without_crowd(_to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
 
-        loss_dict_reduced = utils.reduce_dict(loss_dict)  # averaged over ranks, for logging only
+        loss_dict_reduced = utils.reduce_dict(loss_dict)  # averaged over ranks: every rank takes the same decision
         loss_value = sum(loss_dict_reduced.values()).item()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
         if not math.isfinite(loss_value):
             losses = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict_reduced.items())
-            raise FloatingPointError(
-                f"loss is {loss_value} at epoch {epoch} on images {[t['image_id'] for t in targets]} ({losses}).\n"
-                f"  Check those images' boxes, or lower --lr."
-            )
-
-        optimizer.zero_grad(set_to_none=True)
+            problem = f"loss is {loss_value} at epoch {epoch} on images {[t['image_id'] for t in targets]} ({losses})"
+            if skipped >= max_nonfinite:
+                raise FloatingPointError(f"{problem}.\n  Check those images' boxes, lower --lr, or --skip-nonfinite N.")
+            skipped += 1
+            print(f"Skipped step {step - 1}: {problem} ({skipped} of {max_nonfinite} allowed)")
+            continue
         if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -77,17 +97,18 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        if warmup is not None:
-            warmup.step()
         metric_logger.update(loss=loss_value, **loss_dict_reduced)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        if log_file and step % print_freq == 0 and utils.is_main_process():
-            record = {"epoch": epoch, "iter": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
+        if log_file and (step - 1) % print_freq == 0 and utils.is_main_process():
+            record = {"epoch": epoch, "iter": step - 1, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
             record.update({k: v.item() for k, v in loss_dict_reduced.items()})
             with open(log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if should_stop is not None and should_stop():
+            break
     metric_logger.synchronize_between_processes()
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    return {**stats, "steps": step, "nonfinite_skipped": skipped}
 
 
 @torch.no_grad()

@@ -169,6 +169,12 @@ def get_args_parser(add_help=True):
         help="start from this checkpoint's weights (any class count) at epoch 0 with a fresh optimizer",
     )
     run.add_argument(
+        "--skip-nonfinite",
+        default=0,
+        type=int,
+        help="skip up to N steps with a NaN/inf loss per epoch instead of stopping at the first (default 0)",
+    )
+    run.add_argument(
         "--save-interval", default=1, type=int, help="also keep model_{epoch}.pth every N epochs (default 1)"
     )
     run.add_argument(
@@ -229,7 +235,11 @@ def get_loaders(args, train_set, val_set, world_size, rank):
     else:
         val_sampler = torch.utils.data.SequentialSampler(val_set)
     common = dict(num_workers=args.workers, collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"))
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, **common)
+    batches = utils.ResumableBatches(batches)  # skips the steps done before a mid-epoch stop
+    # Its own generator (reseeded per epoch) seeds the workers, so starting an epoch draws nothing from torch's global
+    # random stream: a mid-epoch resume restores that stream and continues it exactly.
+    generator = torch.Generator()
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, generator=generator, **common)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=val_sampler, **common)
     return train_loader, val_loader, train_sampler
 
@@ -273,7 +283,7 @@ def check_args(args):
         print("Note: --test-only without --resume evaluates the --weights model as built (its heads are untrained)")
     if args.batch_size < 1 or args.epochs < 0 or args.eval_interval < 1 or args.save_interval < 1:
         raise utils.SetupError("--batch-size, --eval-interval and --save-interval must be >= 1, --epochs >= 0")
-    if args.resume and args.load_from:
+    if args.resume and args.resume != "auto" and args.load_from:
         raise utils.SetupError("--resume continues a run, --load-from starts a new one from its weights: pass one")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise utils.SetupError("--device cuda, but torch sees no CUDA GPU; pass --device cpu")
@@ -286,13 +296,15 @@ def main(args):
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     restore_print = utils.setup_logging(rank == 0, os.path.join(args.output_dir, "log.txt"))
+    stop = utils.StopSignals()
     try:
-        return _run(args, distributed, rank, world_size, device)
+        return _run(args, distributed, rank, world_size, device, stop)
     finally:
+        stop.restore()
         restore_print()
 
 
-def _run(args, distributed, rank, world_size, device):
+def _run(args, distributed, rank, world_size, device, stop):
     if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
         args.lr = 0.005 * world_size * args.batch_size / 2
         print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images / 2 = {args.lr:g} (linear scaling)")
@@ -352,7 +364,7 @@ def _run(args, distributed, rank, world_size, device):
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    start_epoch, best_ap = 0, -1.0
+    start_epoch, first_step, best_ap, rng = 0, 0, -1.0, None
     if resume:
         checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
         if not args.test_only:
@@ -360,8 +372,11 @@ def _run(args, distributed, rank, world_size, device):
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             if scaler is not None and checkpoint.get("scaler"):
                 scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, best_ap = checkpoint["epoch"] + 1, checkpoint.get("best_ap", -1.0)
-        print(f"Resumed from {resume} (epoch {checkpoint['epoch']}); continuing at epoch {start_epoch}")
+        best_ap, first_step, rng = checkpoint.get("best_ap", -1.0), checkpoint.get("step") or 0, checkpoint.get("rng")
+        start_epoch = checkpoint["epoch"] + (0 if first_step else 1)  # a stopped epoch continues at its next step
+        print(f"Resumed from {resume}: continuing at epoch {start_epoch}, step {first_step}")
+        if args.load_from:
+            print(f"Note: --resume auto found a checkpoint, so --load-from {args.load_from} is not used")
         planned = checkpoint.get("args", {}).get("epochs", args.epochs)
         if planned != args.epochs and not args.test_only:
             print(f"Note: the run was planned for {planned} epochs and now runs to {args.epochs}")
@@ -372,13 +387,15 @@ def _run(args, distributed, rank, world_size, device):
         write_detections(args.out, metrics, val_set)
         return metrics
 
-    def checkpoint_state(epoch):
+    def checkpoint_state(epoch, step=None):
         return {
             "model": model_without_ddp.state_dict(),
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch,
+            "step": step,  # steps done in `epoch` when it was stopped midway, else None
+            "rng": utils.rng_state() if step else None,  # continues the augmentation stream of that epoch
             "best_ap": best_ap,
             "class_names": list(class_names),
             "args": {k: v for k, v in vars(args).items()},  # plain values only: loads with weights_only=True
@@ -393,14 +410,39 @@ def _run(args, distributed, rank, world_size, device):
     metrics = {}
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
-        # Reseed per epoch so the augmentation stream depends on (seed, epoch) only, not on what ran before:
-        # a run resumed at this epoch sees the same random flips as one that never stopped.
-        utils.seed_everything(args.seed + 1000 * epoch + rank)
+        train_loader.generator.manual_seed(args.seed + 1000 * epoch + rank)
+        if first_step:  # resumed mid-epoch: skip the steps done, continue the random stream where it stopped
+            train_loader.batch_sampler.skip = first_step
+            utils.set_rng_state(rng)
+        else:
+            # Reseed per epoch so the augmentation stream depends on (seed, epoch) only, not on what ran before:
+            # a run resumed at this epoch sees the same random flips as one that never stopped.
+            utils.seed_everything(args.seed + 1000 * epoch + rank)
+        steps_in_epoch = first_step + len(train_loader)
         epoch_start = time.time()
         train_stats = train_one_epoch(
-            model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype, log_file=log_file
+            model,
+            optimizer,
+            train_loader,
+            device,
+            epoch,
+            args.print_freq,
+            scaler,
+            amp_dtype,
+            log_file=log_file,
+            first_step=first_step,
+            should_stop=stop,
+            max_nonfinite=args.skip_nonfinite,
         )
+        first_step = 0
         train_seconds += time.time() - epoch_start
+        if train_stats["steps"] < steps_in_epoch:  # a signal arrived: save where we are and leave
+            save_checkpoint(checkpoint_state(epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth")
+            print(
+                f"Stopped at epoch {epoch}, step {train_stats['steps']} of {steps_in_epoch}: "
+                f"{args.output_dir}/checkpoint.pth saved; continue with --resume auto"
+            )
+            return {}
         lr_scheduler.step()
 
         metrics, val_loss = {}, {}
@@ -416,16 +458,19 @@ def _run(args, distributed, rank, world_size, device):
         best_ap = max(best_ap, ap)
 
         state = checkpoint_state(epoch)
-        utils.save_on_master(state, os.path.join(args.output_dir, "checkpoint.pth"))
+        save_checkpoint(state, args.output_dir, "checkpoint.pth")
         if (epoch + 1) % args.save_interval == 0:
-            utils.save_on_master(state, os.path.join(args.output_dir, f"model_{epoch}.pth"))
+            save_checkpoint(state, args.output_dir, f"model_{epoch}.pth")
         if is_best:
-            utils.save_on_master(state, os.path.join(args.output_dir, "best.pth"))
+            save_checkpoint(state, args.output_dir, "best.pth")
         log = {"epoch": epoch, "train": train_stats, "val_loss": val_loss}
         log.update({k: v for k, v in metrics.items() if k != "detections"})
         if rank == 0:
             with open(log_file, "a") as f:
                 f.write(json.dumps(log) + "\n")
+        if epoch + 1 < args.epochs and stop():  # the signal came with the epoch's last step
+            print(f"Stopped after epoch {epoch}: {args.output_dir}/checkpoint.pth saved; continue with --resume auto")
+            return metrics
 
     total = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total))}")
@@ -475,6 +520,17 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     print(f"Wrote {os.path.join(out, 'report.md')}")
+
+
+def save_checkpoint(state, output_dir, name):
+    """Atomic write on rank 0; a full disk stops the run with the fix, the previous file left intact."""
+    path = os.path.join(output_dir, name)
+    try:
+        utils.save_on_master(state, path)
+    except OSError as e:
+        raise utils.SetupError(
+            f"could not write {path} ({e}); the previous {name} is intact. Free disk space, then --resume auto"
+        ) from e
 
 
 def write_detections(path, metrics, dataset):

@@ -5,9 +5,11 @@ returns its input and `all_gather` returns a one-element list.
 """
 
 import datetime
+import itertools
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -370,3 +372,65 @@ def plot_curves(log_files, out_file, names=None):
     fig.tight_layout()
     fig.savefig(out_file, dpi=80)
     return True
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 (what SLURM, torchrun and Ctrl-C send) ask the run to stop after the current step.
+
+    Calling the object tells whether any rank got one, so all ranks stop at the same step; a second Ctrl-C stops
+    at once. `restore()` puts the previous handlers back.
+    """
+
+    NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self):
+        self.received = None
+        self.previous = {name: signal.signal(getattr(signal, name), self._handle) for name in self.NAMES}
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"{self.received} received: stopping after this step, with a checkpoint to resume from", flush=True)
+
+    def __call__(self):
+        flag = self.received is not None
+        if get_world_size() > 1:
+            flag_tensor = torch.tensor([float(flag)], device=_collective_device())
+            dist.all_reduce(flag_tensor)
+            flag = flag_tensor.item() > 0
+        return flag
+
+    def restore(self):
+        for name, handler in self.previous.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """A batch sampler whose next pass starts `skip` batches in: a run resumed mid-epoch continues where it stopped,
+    with the epoch's order unchanged and without loading the batches it skips (only indices are drawn)."""
+
+    def __init__(self, batch_sampler):
+        self.batch_sampler, self.skip = batch_sampler, 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.batch_sampler), skip, None)
+
+    def __len__(self):
+        return len(self.batch_sampler) - self.skip
+
+
+def rng_state():
+    """Python, NumPy and torch CPU generator states as tensors and plain data (a checkpoint loads weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos}
+    numpy_state.update(has_gauss=has_gauss, cached=cached)
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state):
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
