@@ -25,6 +25,12 @@ def _to_device(target, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
 
 
+def _readable(images, targets):
+    """Drop the samples SkipBadImages marked unreadable (None); returns (images, targets, number dropped)."""
+    keep = [i for i, target in enumerate(targets) if target is not None]
+    return [images[i] for i in keep], [targets[i] for i in keep], len(targets) - len(keep)
+
+
 def _without_crowd(target):
     # Crowd / ignored regions are ground truth for evaluation only: torchvision's R-CNN losses have no "ignore"
     # label, so training on them would teach the model that a crowd is one object.
@@ -64,8 +70,13 @@ def train_one_epoch(
     warmup_iters = min(1000, first_step + len(data_loader) - 1) if epoch == 0 else 0
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
-    step, skipped = first_step, 0
+    step, skipped, unreadable = first_step, 0, 0
     for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
+        images, targets, bad = _readable(images, targets)
+        unreadable += bad
+        if not images:  # every image of this batch was unreadable (--skip-bad-images)
+            step += 1
+            continue
         if step < warmup_iters:  # lr/1000 at step 0, rising linearly to lr at step warmup_iters
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * (1e-3 + (1 - 1e-3) * step / warmup_iters)
@@ -108,7 +119,7 @@ def train_one_epoch(
             break
     metric_logger.synchronize_between_processes()
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
-    return {**stats, "steps": step, "nonfinite_skipped": skipped}
+    return {**stats, "steps": step, "nonfinite_skipped": skipped, "unreadable_skipped": unreadable}
 
 
 @torch.no_grad()
@@ -124,6 +135,9 @@ def validation_loss(model, data_loader, device, amp_dtype=None):
             module.eval()
     metric_logger = utils.MetricLogger()
     for images, targets in data_loader:
+        images, targets, _ = _readable(images, targets)
+        if not images:
+            continue
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [_without_crowd(_to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -289,6 +303,9 @@ def evaluate(
     # segm / keypoints are scored when the model predicts them and the dataset has them
     score_masks = score_keypoints = True
     for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        images, targets, _ = _readable(images, targets)
+        if not images:
+            continue
         images = [image.to(device, non_blocking=True) for image in images]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images)

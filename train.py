@@ -43,6 +43,9 @@ def get_args_parser(add_help=True):
     data.add_argument("--classes", default=None, help="class names: a,b,c or a classes.txt (voc: default the 20 VOC)")
     data.add_argument("--drop-empty", action="store_true", help="coco: skip training images without objects")
     data.add_argument(
+        "--skip-bad-images", action="store_true", help="skip samples whose image cannot be read (default: stop)"
+    )
+    data.add_argument(
         "--strict",
         action="store_true",
         help="stop on zero-size or outside boxes instead of dropping them (default off)",
@@ -218,7 +221,10 @@ def get_datasets(args):
     if args.data_path is None and args.dataset != "pennfudan":
         raise utils.SetupError(f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder)")
     root = args.data_path or os.path.join("data", "PennFudanPed")
-    return datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
+    train_set, val_set, class_names = datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
+    if args.skip_bad_images:
+        train_set, val_set = datasets.SkipBadImages(train_set), datasets.SkipBadImages(val_set)
+    return train_set, val_set, class_names
 
 
 def get_loaders(args, train_set, val_set, world_size, rank):
@@ -551,5 +557,6 @@ if __name__ == "__main__":
     try:
         main(args)
     except utils.SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # raised in a DataLoader worker, the message carries the worker's traceback: keep only our own words
+        print(f"error: {str(e).rsplit('SetupError: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)

@@ -36,6 +36,29 @@ class Subset(torch.utils.data.Subset):
         return self.dataset.get_height_and_width(self.indices[idx])
 
 
+class SkipBadImages(torch.utils.data.Dataset):
+    """Wraps a dataset: a sample whose image cannot be read becomes (None, None), which the training and evaluation
+    loops leave out and count, instead of stopping the run (--skip-bad-images). Each skip is reported once."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # get_height_and_width, label_to_category_id, ... of the wrapped dataset
+        if name.startswith("__"):  # not __getitems__: the DataLoader would fetch batches around this wrapper
+            raise AttributeError(name)
+        return getattr(self.__dict__["dataset"], name)
+
+    def __getitem__(self, idx):
+        try:
+            return self.dataset[idx]
+        except SetupError as e:
+            print(f"Skipping sample {idx}: {str(e).splitlines()[0]}", flush=True)
+            return None, None
+
+
 def random_split(num_items, val_size, seed=0):
     """Seeded, deterministic (train_indices, val_indices) for datasets that come without an official split.
 

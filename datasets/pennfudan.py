@@ -56,9 +56,18 @@ def download_pennfudan(root):
 
 
 def read_image(path, mode=None):
-    """Decode an image file to a uint8 [C, H, W] tensor (PIL: torchvision.io's decoders are deprecated in 0.29)."""
-    with Image.open(path) as im:
-        return pil_to_tensor(im.convert(mode) if mode else im)
+    """Decode an image file to a uint8 [C, H, W] tensor (PIL: torchvision.io's decoders are deprecated in 0.29).
+
+    A missing, truncated or corrupt file raises SetupError naming it, not PIL's message without a file name.
+    """
+    try:
+        with Image.open(path) as im:
+            return pil_to_tensor(im.convert(mode) if mode else im)
+    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unreadable, truncated and corrupt files
+        raise SetupError(
+            f"cannot read image {path}: {e}.\n  Replace or remove it (references/check_dataset.py lists every such "
+            f"file), or pass --skip-bad-images to skip such samples"
+        ) from None
 
 
 class PennFudanDataset(torch.utils.data.Dataset):

@@ -1,5 +1,6 @@
 """Bad days: a preemption signal mid-epoch, a full disk, NaN losses."""
 
+import json
 import os
 import signal
 import subprocess
@@ -110,3 +111,25 @@ def test_usr1_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+
+
+def _corrupt(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a truncated download
+
+
+def test_a_corrupt_image_stops_with_its_name_or_is_skipped(pennfudan_dir, tmp_path):
+    _corrupt(pennfudan_dir / "PNGImages" / "Ped00003.png")
+    argv = ["--data-path", pennfudan_dir, "--output-dir", tmp_path, *TINY, "--epochs", "1", "-j", "1"]
+    with pytest.raises(utils.SetupError, match="(?s)cannot read image .*Ped00003.png.*--skip-bad-images"):
+        train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+
+    cli = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, argv)], capture_output=True, text=True)
+    assert cli.returncode == 2 and cli.stderr.startswith("error: cannot read image") and "Traceback" not in cli.stderr
+
+    train.main(train.get_args_parser().parse_args([str(a) for a in [*argv, "--skip-bad-images", "-j", "0"]]))
+    log = (tmp_path / "log.txt").read_text()
+    assert "Skipping sample" in log and "Ped00003.png" in log
+    epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    in_train = epochs[-1]["train"]["unreadable_skipped"]
+    assert in_train in (0, 1) and (in_train == 1 or "Test:" in log)
