@@ -26,14 +26,15 @@ from engine import evaluate, train_one_epoch, validation_loss
 
 
 def get_args_parser(add_help=True):
+    # One flag per line or two, so the flags read as a table (ruff format would spread each over five lines).
+    # fmt: off
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
     )
 
     data = parser.add_argument_group("data")
-    data.add_argument(
-        "--dataset", default="pennfudan", choices=sorted(datasets.DATASETS), help="dataset (default pennfudan)"
-    )
+    data.add_argument("--dataset", default="pennfudan", choices=sorted(datasets.DATASETS),
+                      help="dataset (default pennfudan)")
     data.add_argument("--train-ann", "--ann-file", default=None, help="training annotation file (coco, custom)")
     data.add_argument("--val-ann", default=None, help="validation annotation file (coco; custom: else a split)")
     data.add_argument("--train-images", default=None, help="training image folder (coco, default ROOT/train2017)")
@@ -42,159 +43,78 @@ def get_args_parser(add_help=True):
     data.add_argument("--val-split", default="val", help="voc ImageSets/Main list for validation (default val)")
     data.add_argument("--classes", default=None, help="class names: a,b,c or a classes.txt (voc: default the 20 VOC)")
     data.add_argument("--drop-empty", action="store_true", help="coco: skip training images without objects")
-    data.add_argument(
-        "--skip-bad-images", action="store_true", help="skip samples whose image cannot be read (default: stop)"
-    )
-    data.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop on zero-size or outside boxes instead of dropping them (default off)",
-    )
-    data.add_argument(
-        "--data-path",
-        "--img-prefix",
-        default=None,
-        type=str,
-        help="dataset root; for pennfudan it defaults to data/PennFudanPed, downloaded when missing",
-    )
-    data.add_argument(
-        "--val-size",
-        default=50,
-        type=int,
-        help="images held out for validation when the dataset has no official split (default 50)",
-    )
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="skip samples whose image cannot be read (default: stop)")
+    data.add_argument("--strict", action="store_true",
+                      help="stop on zero-size or outside boxes instead of dropping them (default off)")
+    data.add_argument("--data-path", "--img-prefix", default=None,
+                      help="dataset root; for pennfudan it defaults to data/PennFudanPed, downloaded when missing")
+    data.add_argument("--val-size", default=50, type=int,
+                      help="images held out for validation when the dataset has no official split (default 50)")
     data.add_argument("--split-seed", default=0, type=int, help="seed of that train/val split (default 0)")
-    data.add_argument(
-        "--data-augmentation",
-        default="hflip",
-        choices=transforms.POLICIES,
-        help="training augmentation policy (default hflip, the tutorial's)",
-    )
+    data.add_argument("--data-augmentation", default="hflip", choices=transforms.POLICIES,
+                      help="training augmentation policy (default hflip, the tutorial's)")
     data.add_argument("-j", "--workers", default=2, type=int, help="data loading processes (default 2)")
-    data.add_argument(
-        "--aspect-ratio-group-factor",
-        default=3,
-        type=int,
-        help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)",
-    )
+    data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
+                      help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)")
 
     model = parser.add_argument_group("model")
-    model.add_argument(
-        "--model",
-        default="maskrcnn_resnet50_fpn",
-        choices=models.MODELS,
-        help="detector (default maskrcnn_resnet50_fpn)",
-    )
-    model.add_argument(
-        "--weights",
-        default="DEFAULT",
-        type=str,
-        help="DEFAULT (COCO), a weights enum name, none (random) or a .pth file (default DEFAULT)",
-    )
-    model.add_argument(
-        "--weights-backbone",
-        default="none",
-        type=str,
-        help="ImageNet backbone weights when --weights is none: DEFAULT or none (default none)",
-    )
-    model.add_argument(
-        "--trainable-backbone-layers",
-        default=None,
-        type=int,
-        help="backbone stages to train, 0-5 (default: torchvision's, 3 for pretrained models)",
-    )
-    model.add_argument(
-        "--sync-bn", action="store_true", help="synchronise trainable BatchNorm across processes (default off)"
-    )
-    model.add_argument(
-        "--box-score-thresh",
-        default=0.05,
-        type=float,
-        help="detections scoring below this are dropped before evaluation (default 0.05, torchvision's)",
-    )
-    model.add_argument(
-        "--min-size",
-        default=None,
-        type=int,
-        help="shorter image side fed to the model, px (default: the model's, 800; 320 for *_320_fpn)",
-    )
-    model.add_argument(
-        "--max-size",
-        default=None,
-        type=int,
-        help="cap on the longer image side, px (default: the model's, 1333; 640 for *_320_fpn)",
-    )
+    model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS,
+                       help="detector (default maskrcnn_resnet50_fpn)")
+    model.add_argument("--weights", default="DEFAULT",
+                       help="DEFAULT (COCO), a weights enum name, none (random) or a .pth file (default DEFAULT)")
+    model.add_argument("--weights-backbone", default="none",
+                       help="ImageNet backbone weights when --weights is none: DEFAULT or none (default none)")
+    model.add_argument("--trainable-backbone-layers", default=None, type=int,
+                       help="backbone stages to train, 0-5 (default: torchvision's, 3 for pretrained models)")
+    model.add_argument("--sync-bn", action="store_true",
+                       help="synchronise trainable BatchNorm across processes (default off)")
+    model.add_argument("--box-score-thresh", default=0.05, type=float,
+                       help="detections scoring below this are dropped before evaluation (default 0.05, torchvision's)")
+    model.add_argument("--min-size", default=None, type=int,
+                       help="shorter image side fed to the model, px (default: the model's, 800; 320 for *_320_fpn)")
+    model.add_argument("--max-size", default=None, type=int,
+                       help="cap on the longer image side, px (default: the model's, 1333; 640 for *_320_fpn)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per process and step (default 2)")
     optim.add_argument("--epochs", default=10, type=int, help="training epochs (default 10)")
     optim.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer (default sgd)")
-    optim.add_argument(
-        "--lr",
-        default=None,
-        type=float,
-        help="learning rate (default 0.005 x total batch / 2: the tutorial's, scaled linearly)",
-    )
+    optim.add_argument("--lr", default=None, type=float,
+                       help="learning rate (default 0.005 x total batch / 2: the tutorial's, scaled linearly)")
     optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default 0.9)")
     optim.add_argument("--weight-decay", "--wd", default=5e-4, type=float, help="weight decay (default 0.0005)")
-    optim.add_argument(
-        "--lr-scheduler",
-        default="step",
-        choices=("step", "multistep", "cosine"),
-        help="lr schedule over epochs (default step)",
-    )
+    optim.add_argument("--lr-scheduler", default="step", choices=("step", "multistep", "cosine"),
+                       help="lr schedule over epochs (default step)")
     optim.add_argument("--lr-step-size", default=3, type=int, help="epochs between lr drops for step (default 3)")
-    optim.add_argument(
-        "--lr-steps", default=[8, 11], nargs="+", type=int, help="epochs of the multistep drops (default 8 11)"
-    )
+    optim.add_argument("--lr-steps", default=[8, 11], nargs="+", type=int,
+                       help="epochs of the multistep drops (default 8 11)")
     optim.add_argument("--lr-gamma", default=0.1, type=float, help="lr factor at each drop (default 0.1)")
     optim.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPU (default off)")
 
     run = parser.add_argument_group("run")
-    run.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cuda or cpu (default cuda when available)",
-    )
-    run.add_argument(
-        "--output-dir", default="work_dirs/run", type=str, help="where the run writes (default work_dirs/run)"
-    )
-    run.add_argument(
-        "--resume",
-        default=None,
-        type=str,
-        help="checkpoint to continue from, or auto (output-dir's checkpoint.pth if present)",
-    )
-    run.add_argument(
-        "--load-from",
-        default=None,
-        type=str,
-        help="start from this checkpoint's weights (any class count) at epoch 0 with a fresh optimizer",
-    )
-    run.add_argument(
-        "--skip-nonfinite",
-        default=0,
-        type=int,
-        help="skip up to N steps with a NaN/inf loss per epoch instead of stopping at the first (default 0)",
-    )
-    run.add_argument(
-        "--save-interval", default=1, type=int, help="also keep model_{epoch}.pth every N epochs (default 1)"
-    )
-    run.add_argument(
-        "--eval-interval", default=1, type=int, help="validate every N epochs and after the last (default 1)"
-    )
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                     help="cuda or cpu (default cuda when available)")
+    run.add_argument("--output-dir", default="work_dirs/run", help="where the run writes (default work_dirs/run)")
+    run.add_argument("--resume", default=None,
+                     help="checkpoint to continue from, or auto (output-dir's checkpoint.pth if present)")
+    run.add_argument("--load-from", default=None,
+                     help="start from this checkpoint's weights (any class count) at epoch 0 with a fresh optimizer")
+    run.add_argument("--skip-nonfinite", default=0, type=int,
+                     help="skip up to N steps per epoch with a NaN/inf loss instead of stopping (default 0)")
+    run.add_argument("--save-interval", default=1, type=int,
+                     help="also keep model_{epoch}.pth every N epochs (default 1)")
+    run.add_argument("--eval-interval", default=1, type=int,
+                     help="validate every N epochs and after the last (default 1)")
     run.add_argument("--test-only", action="store_true", help="evaluate (the --resume checkpoint) and exit")
     run.add_argument("--show-dir", default=None, help="with --test-only: write drawn predictions here (default none)")
-    run.add_argument(
-        "--val-loss",
-        default=True,
-        action=argparse.BooleanOptionalAction,
-        help="also compute the validation loss at each evaluation (default on)",
-    )
+    run.add_argument("--val-loss", default=True, action=argparse.BooleanOptionalAction,
+                     help="also compute the validation loss at each evaluation (default on)")
     run.add_argument("--report-images", default=4, type=int, help="drawn validation images in report.md (default 4)")
-    run.add_argument("--out", default=None, type=str, help="write the evaluated detections as COCO results json")
+    run.add_argument("--out", default=None, help="write the evaluated detections as COCO results json")
     run.add_argument("--print-freq", default=20, type=int, help="log every N iterations (default 20)")
     run.add_argument("--seed", default=42, type=int, help="random seed (default 42)")
+    # fmt: on
     return parser
 
 
