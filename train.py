@@ -389,7 +389,8 @@ def _run(args, distributed, rank, world_size, device, stop):
             save_checkpoint(state, args.output_dir, f"model_{epoch}.pth")
         if is_best:
             save_checkpoint(state, args.output_dir, "best.pth")
-        log = {"epoch": epoch, "train": train_stats, "val_loss": val_loss}
+        # rss_mb: this process's memory after the epoch, so a leak shows as growth from one epoch to the next
+        log = {"epoch": epoch, "train": train_stats, "val_loss": val_loss, "rss_mb": utils.current_rss_mb()}
         log.update({k: v for k, v in metrics.items() if k != "detections"})
         if rank == 0:
             with open(log_file, "a") as f:

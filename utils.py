@@ -309,6 +309,15 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def current_rss_mb():
+    """Resident memory of this process now, in MiB (Linux /proc; elsewhere the peak, which is what is known)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_memory_mb()
+
+
 def read_log(path):
     """log.jsonl -> (per-epoch records, per-iteration records); a half-written last line (a killed run) is skipped."""
     records = []

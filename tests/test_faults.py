@@ -133,3 +133,39 @@ def test_a_corrupt_image_stops_with_its_name_or_is_skipped(pennfudan_dir, tmp_pa
     epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"train"' in line]
     in_train = epochs[-1]["train"]["unreadable_skipped"]
     assert in_train in (0, 1) and (in_train == 1 or "Test:" in log)
+
+
+class Payload:
+    """Unpickling this would create a file: what a malicious checkpoint or annotation file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(pennfudan_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "args": Payload(marker), "epoch": 0}, evil)
+    argv = ["--data-path", pennfudan_dir, "--output-dir", tmp_path / "run", *TINY, "--resume", evil]
+    with pytest.raises(utils.SetupError, match="cannot load weights from .*evil.pth"):
+        train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+    from predict import load_model
+
+    with pytest.raises(utils.SetupError, match="cannot load checkpoint"):
+        load_model(evil)
+    assert not marker.exists()  # nothing was executed
+
+
+def test_memory_does_not_grow_epoch_after_epoch_with_workers(tmp_path):
+    data = tmp_path / "pf"
+    make_pennfudan(data, num_images=26)
+    argv = ["--data-path", data, "--output-dir", tmp_path / "run", *TINY, "--epochs", 5, "-j", 2, "--print-freq", 50]
+    train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    rss = [json.loads(line)["rss_mb"] for line in lines if '"rss_mb"' in line]
+    assert len(rss) == 5
+    # the first epochs allocate caches (allocator pools, COCO objects); after that memory must stay flat
+    assert rss[-1] - rss[1] < 40, rss

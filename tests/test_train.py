@@ -174,7 +174,22 @@ def test_load_from_a_checkpoint_with_other_classes(pennfudan_dir, tmp_path, caps
     key = "backbone.fpn.inner_blocks.0.0.weight"
     assert torch.equal(second["model"][key], first["model"][key])
     with pytest.raises(train.utils.SetupError, match="pass one"):
-        run(*common, "--resume", "auto", "--load-from", tmp_path / "other_classes.pth", "--output-dir", tmp_path)
+        run(*common, "--resume", tmp_path / "first" / "checkpoint.pth", "--load-from", tmp_path / "other_classes.pth")
+    # --resume auto (what slurm_train.sh passes) with --load-from: a new run starts from --load-from, a requeued one
+    # continues from its own checkpoint
+    run(
+        *common,
+        "--resume",
+        "auto",
+        "--load-from",
+        tmp_path / "other_classes.pth",
+        "--epochs",
+        2,
+        "--output-dir",
+        tmp_path / "second",
+    )
+    printed = capsys.readouterr().out
+    assert "continuing at epoch 1, step 0" in printed and "is not used" in printed
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
