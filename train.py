@@ -254,6 +254,13 @@ def _run(args, distributed, rank, world_size, device, stop):
     if problems:
         raise utils.SetupError("\n".join(problems))
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
+    if resume:  # continuing or evaluating a checkpoint of other classes would score heads that mean something else
+        saved = torch.load(resume, map_location="cpu", weights_only=True).get("class_names")
+        if saved is not None and list(saved) != list(class_names):
+            raise utils.SetupError(
+                f"{resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
+                f"  Pass the same --classes, or start a new run from its weights with --load-from {resume}"
+            )
     if args.model.startswith("keypointrcnn") and not getattr(train_set, "num_keypoints", 0):
         raise utils.SetupError(f"{args.model} needs keypoints: pass a person_keypoints json (--train-ann/--val-ann)")
     if args.model.startswith("keypointrcnn") and args.data_augmentation == "lsj":

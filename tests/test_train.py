@@ -154,6 +154,7 @@ def test_load_from_a_checkpoint_with_other_classes(pennfudan_dir, tmp_path, caps
     first["model"]["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(4)
     first["model"]["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(16, 1024)
     first["model"]["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(16)
+    first["class_names"] = ["cat", "dog", "bird"]
     torch.save(first, tmp_path / "other_classes.pth")
     capsys.readouterr()
     run(
@@ -173,6 +174,8 @@ def test_load_from_a_checkpoint_with_other_classes(pennfudan_dir, tmp_path, caps
     assert second["model"]["roi_heads.box_predictor.cls_score.weight"].shape == (2, 1024)
     key = "backbone.fpn.inner_blocks.0.0.weight"
     assert torch.equal(second["model"][key], first["model"][key])
+    with pytest.raises(train.utils.SetupError, match="(?s)trained on classes.*--load-from"):
+        run(*common, "--test-only", "--resume", tmp_path / "other_classes.pth", "--output-dir", tmp_path / "x")
     with pytest.raises(train.utils.SetupError, match="pass one"):
         run(*common, "--resume", tmp_path / "first" / "checkpoint.pth", "--load-from", tmp_path / "other_classes.pth")
     # --resume auto (what slurm_train.sh passes) with --load-from: a new run starts from --load-from, a requeued one
