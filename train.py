@@ -255,7 +255,7 @@ def _run(args, distributed, rank, world_size, device, stop):
         raise utils.SetupError("\n".join(problems))
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
     if resume:  # continuing or evaluating a checkpoint of other classes would score heads that mean something else
-        saved = torch.load(resume, map_location="cpu", weights_only=True).get("class_names")
+        saved = load_checkpoint(resume).get("class_names")
         if saved is not None and list(saved) != list(class_names):
             raise utils.SetupError(
                 f"{resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
@@ -299,7 +299,7 @@ def _run(args, distributed, rank, world_size, device, stop):
 
     start_epoch, first_step, best_ap, rng = 0, 0, -1.0, None
     if resume:
-        checkpoint = torch.load(resume, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(resume)
         if not args.test_only:
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
@@ -454,6 +454,14 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     print(f"Wrote {os.path.join(out, 'report.md')}")
+
+
+def load_checkpoint(path):
+    """A checkpoint of this project: only tensors and plain data are unpickled, so a file cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise utils.SetupError(f"cannot load checkpoint {path}: {e}") from e
 
 
 def save_checkpoint(state, output_dir, name):

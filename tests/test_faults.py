@@ -150,7 +150,7 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused(pennfudan_dir, tmp_pa
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "args": Payload(marker), "epoch": 0}, evil)
     argv = ["--data-path", pennfudan_dir, "--output-dir", tmp_path / "run", *TINY, "--resume", evil]
-    with pytest.raises(utils.SetupError, match="cannot load weights from .*evil.pth"):
+    with pytest.raises(utils.SetupError, match="cannot load checkpoint .*evil.pth"):
         train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
     from predict import load_model
 
