@@ -165,3 +165,20 @@ def test_slurm_train_with_two_cpu_tasks(pennfudan_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "lr = 0.005 x 2 processes" in proc.stdout
     assert (out / "checkpoint.pth").is_file() and (out / "log.jsonl").is_file()
+
+
+def test_two_nodes_through_dist_train_env(pennfudan_dir, tmp_path):
+    # Two "nodes" on this machine: one dist_train.sh each, joined through NNODES / NODE_RANK / MASTER_ADDR / PORT.
+    out = tmp_path / "run"
+    flags = ["--data-path", str(pennfudan_dir), "--val-size", "3", "--epochs", "1", "-b", "1", "--output-dir", str(out)]
+    port = str(free_port())
+    nodes = []
+    for node_rank in ("0", "1"):
+        env = {**os.environ, "NNODES": "2", "NODE_RANK": node_rank, "MASTER_ADDR": "127.0.0.1", "PORT": port}
+        cmd = ["bash", str(REPO / "references" / "dist_train.sh"), "1", *flags, *TINY]
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "lr = 0.005 x 2 processes x 1 images / 2" in outputs[0][0]  # global rank 0 (node 0) prints
+    assert "Start training" not in outputs[1][0]  # the other node's rank stays quiet
+    assert (out / "checkpoint.pth").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 1
