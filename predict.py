@@ -212,9 +212,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except utils.SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    utils.cli(main, get_args_parser())

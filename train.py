@@ -489,10 +489,4 @@ def write_detections(path, metrics, dataset):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except utils.SetupError as e:
-        # raised in a DataLoader worker, the message carries the worker's traceback: keep only our own words
-        print(f"error: {str(e).rsplit('SetupError: ', 1)[-1]}", file=sys.stderr)
-        sys.exit(2)
+    utils.cli(main, get_args_parser())

@@ -242,7 +242,23 @@ def init_distributed_mode(device="cuda", dist_url="env://"):
 
 
 class SetupError(Exception):
-    """A problem the user fixes (a missing file, a bad flag): train.py prints it as one message, no traceback."""
+    """A problem the user fixes (a missing file, a bad flag): `cli` prints it as one message, no traceback."""
+
+
+def cli(main, parser):
+    """Run a script's main(args): a SetupError becomes one "error: ..." line and exit code 2, never a traceback.
+
+    An int returned by main is the exit code (a checker's 1 for "problems found"); anything else means success.
+    """
+    import sys
+
+    try:
+        code = main(parser.parse_args())
+    except SetupError as e:
+        # raised in a DataLoader worker, the message carries the worker's traceback: keep only our own words
+        print(f"error: {str(e).rsplit('SetupError: ', 1)[-1]}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def setup_logging(is_master, log_file=None):

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision import tv_tensors
 
 from utils import SetupError
 
-from .coco import BoxChecker, load_json
-from .pennfudan import read_image
+from .coco import BoxChecker, BoxRecords, load_json
 
 # The only globals a .pkl of arrays, lists and dicts needs. numpy rebuilds arrays with _reconstruct (pickle
 # protocols 0-4) or _frombuffer (protocol 5) and scalars such as np.int64 widths with scalar; numpy 2 moved
@@ -94,7 +92,7 @@ def _boxes_and_labels(ann, box_key, label_key, where, dtype=np.float32):
     return boxes, labels
 
 
-class CustomDataset(torch.utils.data.Dataset):
+class CustomDataset(BoxRecords):
     """Items are (image, target) following the contract in datasets/__init__.py; image_id is the index in the list.
 
     `classes` are the K class names, classes[k] naming mmdetection's label k (our label k + 1).
@@ -147,34 +145,8 @@ class CustomDataset(torch.utils.data.Dataset):
             )
         checker.warn()
 
-    def __len__(self):
-        return len(self.items)
-
-    def get_height_and_width(self, idx):
-        item = self.items[idx]
-        return item["height"], item["width"]
-
-    def __getitem__(self, idx):
-        item = self.items[idx]
-        height, width = item["height"], item["width"]
-        image = read_image(item["path"], "RGB")  # uint8 [3, H, W]
-        if image.shape[-2:] != (height, width):
-            raise SetupError(
-                f"{item['path']} is {image.shape[2]}x{image.shape[1]} pixels but {self.ann_file} says "
-                f"{width}x{height}; fix that entry's width and height"
-            )
-        boxes = item["boxes"].clone()  # a copy: a transform must never edit the stored boxes
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": item["labels"].clone(),
-            "image_id": idx,
-            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-            "iscrowd": item["iscrowd"].clone(),
-        }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+    def size_fix(self, item):
+        return f"{self.ann_file} says {item['width']}x{item['height']}; fix that entry's width and height"
 
     def __repr__(self):
         return f"CustomDataset(ann_file={str(self.ann_file)!r}, {len(self)} images, {len(self.classes)} classes)"

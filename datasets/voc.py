@@ -14,12 +14,10 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 
 from utils import SetupError
 
-from .coco import BoxChecker
-from .pennfudan import read_image
+from .coco import BoxChecker, BoxRecords
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -88,7 +86,7 @@ def parse_annotation(xml_path):
     return width, height, objects
 
 
-class VOCDetection(torch.utils.data.Dataset):
+class VOCDetection(BoxRecords):
     """Items are (image, target) following the contract in datasets/__init__.py; image_id is the index in the split.
 
     Images come from ImageSets/Main/{split}.txt, or from `split_ids` (xml stems) when the dataset ships no split.
@@ -155,34 +153,10 @@ class VOCDetection(torch.utils.data.Dataset):
             )
         checker.warn()
 
-    def __len__(self):
-        return len(self.items)
-
-    def get_height_and_width(self, idx):
-        item = self.items[idx]
-        return item["height"], item["width"]
-
-    def __getitem__(self, idx):
-        item = self.items[idx]
-        height, width = item["height"], item["width"]
-        image = read_image(item["path"], "RGB")  # uint8 [3, H, W]
-        if image.shape[-2:] != (height, width):
-            raise SetupError(
-                f"{item['path']} is {image.shape[2]}x{image.shape[1]} pixels but its xml <size> says "
-                f"{width}x{height}; fix <size> in Annotations/{item['path'].stem}.xml"
-            )
-        boxes = item["boxes"].clone()  # a copy: a transform must never edit the stored boxes
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": item["labels"].clone(),
-            "image_id": idx,
-            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-            "iscrowd": item["iscrowd"].clone(),
-        }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
+    def size_fix(self, item):
+        return (
+            f"its xml <size> says {item['width']}x{item['height']}; fix <size> in Annotations/{item['path'].stem}.xml"
+        )
 
     def __repr__(self):
         return f"VOCDetection(root={str(self.root)!r}, {len(self)} images, classes={self.classes})"

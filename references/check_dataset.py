@@ -42,7 +42,7 @@ import train  # noqa: E402
 from datasets.coco import REQUIRED_FIELDS, load_json  # noqa: E402
 from datasets.custom import _boxes_and_labels, load_middle_format  # noqa: E402
 from datasets.voc import BOX_TAGS, VOC_CLASSES, list_annotation_ids, parse_annotation, read_classes  # noqa: E402
-from utils import SetupError  # noqa: E402
+from utils import SetupError, cli  # noqa: E402
 
 # kind -> (severity, name, why it matters, what --fix does or None); the report follows this order
 KINDS = {
@@ -440,9 +440,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        sys.exit(main(args))
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, get_args_parser())

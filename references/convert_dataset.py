@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from datasets.coco import BoxChecker, CocoDetection, _read_coco  # noqa: E402
 from datasets.custom import CustomDataset, _boxes_and_labels, load_middle_format  # noqa: E402
 from datasets.voc import BOX_TAGS, VOCDetection, list_annotation_ids, parse_annotation, read_classes  # noqa: E402
-from utils import SetupError  # noqa: E402
+from utils import SetupError, cli  # noqa: E402
 
 FORMATS = ("voc", "coco", "custom")
 DEFAULT_VOC_SPLIT = "trainval"  # the split file --to voc writes when --split is not given
@@ -501,9 +501,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except SetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main, get_args_parser())
