@@ -147,6 +147,15 @@ def get_datasets(args):
     return train_set, val_set, class_names
 
 
+def has_masks(dataset):
+    """Whether targets carry masks: the dataset says so (COCO json), or its first sample shows it."""
+    known = getattr(dataset, "has_masks", None)
+    if known is not None:
+        return known
+    targets = (dataset[i][1] for i in range(min(len(dataset), 5)))
+    return "masks" in next((t for t in targets if t is not None), {})  # None: unreadable, --skip-bad-images
+
+
 def get_loaders(args, train_set, val_set, world_size, rank):
     # A DistributedSampler with one replica is a seeded shuffle whose order depends only on (seed, epoch):
     # resuming at epoch k replays exactly the order the uninterrupted run used.
@@ -261,6 +270,11 @@ def _run(args, distributed, rank, world_size, device, stop):
                 f"{resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
                 f"  Pass the same --classes, or start a new run from its weights with --load-from {resume}"
             )
+    if args.model.startswith("maskrcnn") and not has_masks(train_set):
+        raise utils.SetupError(
+            f"{args.model} needs instance masks and this {args.dataset} dataset has boxes only; "
+            f"pick a box model, e.g. --model fasterrcnn_resnet50_fpn"
+        )
     if args.model.startswith("keypointrcnn") and not getattr(train_set, "num_keypoints", 0):
         raise utils.SetupError(f"{args.model} needs keypoints: pass a person_keypoints json (--train-ann/--val-ann)")
     if args.model.startswith("keypointrcnn") and args.data_augmentation == "lsj":

@@ -330,3 +330,26 @@ def test_strict_refuses_bccd_zero_size_boxes(tmp_path):
             tmp_path,
             *TINY,
         )
+
+
+def test_mask_model_on_a_box_only_dataset_is_refused(tmp_path):
+    from conftest import SHARED_DATA
+
+    root = SHARED_DATA / "BCCD"
+    if not (root / "Annotations").is_dir():
+        pytest.skip(f"BCCD not found at {root} (set DETECTION_DATA)")
+    with pytest.raises(train.utils.SetupError, match="needs instance masks.*--model fasterrcnn_resnet50_fpn"):
+        run(
+            "--dataset",
+            "voc",
+            "--data-path",
+            root,
+            "--classes",
+            "RBC,WBC,Platelets",
+            "--model",
+            "maskrcnn_resnet50_fpn",
+            "--output-dir",
+            tmp_path,
+            "--weights",
+            "none",
+        )
