@@ -6,18 +6,23 @@ import json
 import math
 import os
 from collections import defaultdict
+from unittest import mock
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 
 import utils
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+PASTE = "torchvision.models.detection.transform.paste_masks_in_image"  # where the models' postprocess finds it
 PER_INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area", "iscrowd")
 
 
@@ -151,10 +156,35 @@ def validation_loss(model, data_loader, device, amp_dtype=None):
 # ------------------------------------------------------------------------------------------------ evaluation
 def _encode_masks(masks):
     """uint8/bool [N, H, W] -> COCO RLEs with str counts (json-ready)."""
-    rles = mask_util.encode(np.asfortranarray(masks.to(torch.uint8).permute(1, 2, 0).cpu().numpy()))
+    masks = masks.view(torch.uint8) if masks.dtype == torch.bool else masks.to(torch.uint8)  # a view: no copy
+    rles = mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy()))
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
     return rles
+
+
+def paste_masks(masks, boxes, image_size, padding=1):
+    """The model's masks pasted into the image and cut at 0.5: bool [N, 1, H, W], computed only inside each box.
+
+    The same numbers as torchvision's paste_masks_in_image followed by `> 0.5` (same box expansion, same bilinear
+    resize), without its full-image float mask per detection: with 100 detections per image those writes were most of
+    the evaluation time. The result is a transposed view of an [N, W, H] array: each mask column-major, the order
+    pycocotools' RLE encoder reads, so encoding needs no copy either.
+    masks: probabilities [N, 1, M, M] (M = 28); boxes: float [N, 4] XYXY in the image's pixels.
+    """
+    n, _, m, _ = masks.shape
+    height, width = image_size
+    # one pixel of zero padding around each mask, and the box grown to match, as torchvision does
+    padded = F.pad(masks, (padding,) * 4)
+    centre, half = (boxes[:, :2] + boxes[:, 2:]) * 0.5, (boxes[:, 2:] - boxes[:, :2]) * 0.5 * ((m + 2 * padding) / m)
+    pasted = torch.zeros(n, width, height, dtype=torch.bool, device=masks.device)
+    for k, (x0, y0, x1, y1) in enumerate(torch.cat([centre - half, centre + half], 1).to(torch.int64).tolist()):
+        size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))  # box pixels, both ends included
+        inside = F.interpolate(padded[k : k + 1], size=size, mode="bilinear", align_corners=False)[0, 0] > 0.5
+        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, width), min(y1 + 1, height)  # clipped to the image
+        if cx1 > cx0 and cy1 > cy0:
+            pasted[k, cx0:cx1, cy0:cy1] = inside[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].T
+    return pasted.transpose(1, 2)[:, None]
 
 
 def _xywh(boxes):
@@ -182,7 +212,11 @@ def _ground_truth(target, height, width):
 def _detections(output, image_id):
     """One image's predictions as COCO result dicts; mask probabilities are cut at 0.5 as torchvision's eval does."""
     boxes, scores, labels = _xywh(output["boxes"]), output["scores"].tolist(), output["labels"].tolist()
-    masks = _encode_masks(output["masks"][:, 0] > 0.5) if "masks" in output else [None] * len(scores)
+    masks = [None] * len(scores)
+    if "masks" in output:  # probabilities [N, 1, H, W], or already cut by paste_masks
+        masks = _encode_masks(
+            output["masks"][:, 0] if output["masks"].dtype == torch.bool else output["masks"][:, 0] > 0.5
+        )
     keypoints = output["keypoints"].flatten(1).tolist() if "keypoints" in output else [None] * len(scores)
     results = []
     for box, score, label, mask, points in zip(boxes, scores, labels, masks, keypoints):
@@ -300,6 +334,10 @@ def evaluate(
     if show_dir:
         os.makedirs(show_dir, exist_ok=True)
     per_image = {}  # image_id -> (image entry, ground-truth annotations, detections)
+    # A torchvision R-CNN pastes its masks through this one function; answer with cut masks (not under TTA, which
+    # averages probabilities)
+    plain = isinstance(getattr(model, "module", model), GeneralizedRCNN)
+    lean_masks = mock.patch(PASTE, paste_masks) if plain else contextlib.nullcontext()
     # segm / keypoints are scored when the model predicts them and the dataset has them
     score_masks = score_keypoints = True
     for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
@@ -307,7 +345,7 @@ def evaluate(
         if not images:
             continue
         images = [image.to(device, non_blocking=True) for image in images]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), lean_masks:
             outputs = model(images)
         for image, target, output in zip(images, targets, outputs):
             output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
@@ -360,4 +398,85 @@ def evaluate(
         for name, ap in results["voc_ap50_per_class"].items():
             print(f"  {name:<24} {ap * 100:6.1f}")
         print(f"  {'mAP@0.5':<24} {results['voc_mAP50'] * 100:6.1f}")
+    return results
+
+
+def rpn_proposals(model, images):
+    """Run `model` (eval mode) on `images`; its RPN's proposals, one [P, 4] XYXY per image in that image's pixels.
+
+    They come best objectness first (the RPN's filter_proposals sorts them; P <= its post_nms_top_n, 1000 by
+    default). The RPN sees the images as model.transform resized them, so they are mapped back as the model's
+    postprocess maps its detections.
+    """
+    rpn = (model.module if hasattr(model, "module") else model).rpn  # DDP keeps the model in .module
+    captured = []  # per RPN call: (proposals [P, 4] per image in resized pixels, resized (h, w) per image)
+    hook = rpn.register_forward_hook(lambda module, args, output: captured.append((output[0], args[0].image_sizes)))
+    try:
+        model(images)
+    finally:
+        hook.remove()
+    ((boxes, sizes),) = captured
+    return [resize_boxes(b.float(), size, image.shape[-2:]) for b, size, image in zip(boxes, sizes, images)]
+
+
+def _average_recall(coco_eval, area_index, max_dets_index):
+    # recall [IoU thresholds, 1 (any class), areas, max_dets]; -1 where that area has no ground truth
+    recall = coco_eval.eval["recall"][:, 0, area_index, max_dets_index]
+    return float(recall.mean()) if (recall > -1).all() else float("nan")
+
+
+@torch.inference_mode()
+def evaluate_proposals(model, data_loader, device, max_dets=(100, 300, 1000), amp_dtype=None, print_freq=50):
+    """Recall of the RPN's proposals against every ground-truth box, of any class: what the box head can still find.
+
+    COCOeval (bbox, useCats=0) matches each image's best N proposals (by objectness) to its boxes; AR is the recall
+    averaged over IoU .50:.95, as mmdetection's proposal metric. AR@N for N above the RPN's post_nms_top_n
+    (rpn_post_nms_top_n_test, 1000 by default) equals AR@post_nms_top_n. Under torchrun each rank scores its share
+    and results are gathered as in `evaluate`. Returns {"AR@100": .., "AR@300": .., "AR@1000": .., "AR_s@1000": ..,
+    "AR_m@1000": .., "AR_l@1000": ..} (small / medium / large objects: area < 32^2, < 96^2, above, in pixels).
+    """
+    model.eval()
+    metric_logger = utils.MetricLogger()
+    per_image = {}  # image_id -> (image entry, ground-truth annotations, proposals as COCO results)
+    for images, targets in metric_logger.log_every(data_loader, print_freq, "Proposals:"):
+        images, targets, _ = _readable(images, targets)
+        if not images:
+            continue
+        images = [image.to(device, non_blocking=True) for image in images]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            proposals = rpn_proposals(model, images)
+        for image, target, boxes in zip(images, targets, proposals):
+            # only the order matters to recall: score 1 for the best proposal, falling with the rank
+            scores = (1 - torch.arange(len(boxes)) / max(len(boxes), 1)).tolist()
+            results = [
+                {"image_id": target["image_id"], "category_id": 1, "bbox": box, "score": score}
+                for box, score in zip(_xywh(boxes), scores)
+            ]
+            per_image[target["image_id"]] = (*_ground_truth(target, *image.shape[-2:]), results)
+
+    merged = {}
+    for part in utils.all_gather(per_image):  # rank order; a padded duplicate keeps its first copy
+        for image_id, record in part.items():
+            merged.setdefault(image_id, record)
+    images = [record[0] for record in merged.values()]
+    annotations = [ann for record in merged.values() for ann in record[1]]
+    proposals = [result for record in merged.values() for result in record[2]]
+    # the categories only have to exist: with useCats = 0 every proposal is matched against every box
+    num_labels = max([ann["category_id"] for ann in annotations], default=1)
+    class_names = [str(k) for k in range(1, num_labels + 1)]
+    coco_gt = coco_from_records(images, annotations, class_names)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(proposals) if proposals else coco_from_records(images, [], class_names)
+    coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+    coco_eval.params.useCats = 0
+    coco_eval.params.maxDets = list(max_dets)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    results = {f"AR@{n}": _average_recall(coco_eval, 0, m) for m, n in enumerate(max_dets)}
+    for area, size in ((1, "s"), (2, "m"), (3, "l")):  # COCOeval's area ranges: all, small, medium, large
+        results[f"AR_{size}@{max_dets[-1]}"] = _average_recall(coco_eval, area, len(max_dets) - 1)
+    print("Proposal recall (any class, averaged over IoU .50:.95):")
+    print("  " + " ".join(f"{name:>10}" for name in results))
+    print("  " + " ".join(f"{value * 100:10.1f}" for value in results.values()))
     return results

@@ -65,7 +65,9 @@ def load_model(checkpoint, device="cpu"):
                 f"for torchvision's own weights pass MODEL:WEIGHTS, e.g. fasterrcnn_resnet50_fpn:DEFAULT"
             )
         class_names, args = list(state["class_names"]), state["args"]
-        sizes = {k: args.get(k) for k in ("min_size", "max_size") if args.get(k) is not None}
+        # as train.py built it: input size, and the parts and anchors of a composed model
+        built = ("min_size", "max_size", "backbone", "neck", "anchor_sizes", "anchor_ratios")
+        sizes = {k: args.get(k) for k in built if args.get(k) is not None}
         if args.get("data_augmentation") == "multiscale":  # as train.py built it: evaluates at the largest size
             sizes["min_size"] = transforms.MULTISCALE_MIN_SIZES
         model = models.get_model(args["model"], num_classes=len(class_names) + 1, weights=checkpoint, **sizes)
@@ -96,7 +98,9 @@ def predict(model, images, score_thresh=0.5, batch_size=4):
     device = next(model.parameters()).device
     # The model drops low scores itself before NMS and before pasting masks at full size: give it our threshold
     # (it may be below the one it was built with), so that work is done only for the detections we return.
-    built_thresh, model.roi_heads.score_thresh = model.roi_heads.score_thresh, score_thresh
+    detector = model.model if isinstance(model, models.TTA) else model
+    detector = getattr(detector, "roi_heads", detector)  # RetinaNet and FCOS hold score_thresh themselves
+    built_thresh, detector.score_thresh = detector.score_thresh, score_thresh
     results = []
     try:
         with torch.inference_mode():
@@ -109,7 +113,7 @@ def predict(model, images, score_thresh=0.5, batch_size=4):
                         result["masks"] = (output["masks"][:, 0] > 0.5).cpu()
                     results.append(result)
     finally:
-        model.roi_heads.score_thresh = built_thresh
+        detector.score_thresh = built_thresh
     return results
 
 
@@ -169,6 +173,24 @@ def get_args_parser():
         help="cuda or cpu (default cuda when available)",
     )
     parser.add_argument("--batch-size", default=4, type=int, help="images per forward pass (default 4)")
+    parser.add_argument(
+        "--tta",
+        default="none",
+        choices=("none", "hflip"),
+        help="test-time augmentation: also predict on the mirrored image and merge (default none)",
+    )
+    parser.add_argument(
+        "--tta-scales",
+        default=None,
+        type=lambda s: [int(v) for v in s.split(",")],
+        help="test-time shorter sides, e.g. 640,800,1000 px, merged (default: the model's one)",
+    )
+    parser.add_argument(
+        "--tta-merge",
+        default="nms",
+        choices=("nms", "vote"),
+        help="merge the views' boxes by per-class NMS or score-weighted voting (default nms)",
+    )
     return parser
 
 
@@ -179,6 +201,10 @@ def main(args):
         raise utils.SetupError("--device cuda, but torch sees no CUDA GPU; pass --device cpu")
     paths = list_images(args.inputs)
     model = load_model(args.checkpoint, args.device)
+    if args.tta != "none" or args.tta_scales:
+        class_names = model.class_names
+        model = models.TTA(model, hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge).eval()
+        model.class_names = class_names
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -22,7 +22,7 @@ import models
 import transforms
 import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
-from engine import evaluate, train_one_epoch, validation_loss
+from engine import evaluate, evaluate_proposals, train_one_epoch, validation_loss
 
 
 def get_args_parser(add_help=True):
@@ -55,12 +55,23 @@ def get_args_parser(add_help=True):
     data.add_argument("--data-augmentation", default="hflip", choices=transforms.POLICIES,
                       help="training augmentation policy (default hflip, the tutorial's)")
     data.add_argument("-j", "--workers", default=2, type=int, help="data loading processes (default 2)")
+    data.add_argument("--cache-images", action="store_true",
+                      help="decode every image once and keep it in memory: small datasets, slow disks (default off)")
     data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
                       help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS,
                        help="detector (default maskrcnn_resnet50_fpn)")
+    model.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
+                       help="for --model fasterrcnn/maskrcnn/retinanet/fcos: a classifier network (default resnet50)")
+    model.add_argument("--neck", default=None, choices=sorted(models.NECKS),
+                       help="with those models: none, fpn or pafpn (FPN + PANet's bottom-up path) (default fpn)")
+    model.add_argument("--anchor-sizes", default=None, type=lambda s: [int(v) for v in s.split(",")],
+                       help="anchor sizes in px at the model's input scale: one per feature map (5 with an FPN), or "
+                            "all of them on the one map of --neck none, e.g. 32,64,128,256,512 (default: the model's)")
+    model.add_argument("--anchor-ratios", default=None, type=lambda s: [float(v) for v in s.split(",")],
+                       help="anchor aspect ratios h/w, on every map, e.g. 0.5,1,2 (default: the model's)")
     model.add_argument("--weights", default="DEFAULT",
                        help="DEFAULT (COCO), a weights enum name, none (random) or a .pth file (default DEFAULT)")
     model.add_argument("--weights-backbone", default="none",
@@ -71,6 +82,12 @@ def get_args_parser(add_help=True):
                        help="synchronise trainable BatchNorm across processes (default off)")
     model.add_argument("--box-score-thresh", default=0.05, type=float,
                        help="detections scoring below this are dropped before evaluation (default 0.05, torchvision's)")
+    model.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction,
+                       help="NHWC memory layout, faster convolutions on CPU and GPU (default on)")
+    model.add_argument("--fold-bn", default=True, action=argparse.BooleanOptionalAction,
+                       help="fold frozen BatchNorm into the convolutions before it; same results (default on)")
+    model.add_argument("--compile", action="store_true",
+                       help="torch.compile the backbone: slow first steps, then faster (default off)")
     model.add_argument("--min-size", default=None, type=int,
                        help="shorter image side fed to the model, px (default: the model's, 800; 320 for *_320_fpn)")
     model.add_argument("--max-size", default=None, type=int,
@@ -90,7 +107,10 @@ def get_args_parser(add_help=True):
     optim.add_argument("--lr-steps", default=[8, 11], nargs="+", type=int,
                        help="epochs of the multistep drops (default 8 11)")
     optim.add_argument("--lr-gamma", default=0.1, type=float, help="lr factor at each drop (default 0.1)")
-    optim.add_argument("--amp", action="store_true", help="mixed precision: fp16 on CUDA, bf16 on CPU (default off)")
+    optim.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
+                       help="mixed precision (default on for CUDA and for CPUs with native bf16, off otherwise)")
+    optim.add_argument("--amp-dtype", default=None, choices=("bf16", "fp16"),
+                       help="autocast dtype (default bf16 on CPU, fp16 with loss scaling on CUDA)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -104,9 +124,19 @@ def get_args_parser(add_help=True):
                      help="skip up to N steps per epoch with a NaN/inf loss instead of stopping (default 0)")
     run.add_argument("--save-interval", default=1, type=int,
                      help="also keep model_{epoch}.pth every N epochs (default 1)")
+    run.add_argument("--eval-batch-size", default=1, type=int, help="images per evaluation step (default 1)")
     run.add_argument("--eval-interval", default=1, type=int,
                      help="validate every N epochs and after the last (default 1)")
     run.add_argument("--test-only", action="store_true", help="evaluate (the --resume checkpoint) and exit")
+    run.add_argument("--eval", default=["bbox"], nargs="+", choices=("bbox", "proposal"),
+                     help="bbox: COCO AP (and segm/keypoints AP for models that predict them); proposal: the RPN's "
+                          "average recall AR@100/300/1000, to tune anchors (default bbox)")
+    run.add_argument("--tta", default="none", choices=("none", "hflip"),
+                     help="test-time augmentation of the final evaluation, also scored without (default none)")
+    run.add_argument("--tta-scales", default=None, type=lambda s: [int(v) for v in s.split(",")],
+                     help="test-time shorter sides, e.g. 640,800,1000 px (default: the model's one)")
+    run.add_argument("--tta-merge", default="nms", choices=("nms", "vote"),
+                     help="merge the views' boxes by per-class NMS or score-weighted voting (default nms)")
     run.add_argument("--show-dir", default=None, help="with --test-only: write drawn predictions here (default none)")
     run.add_argument("--val-loss", default=True, action=argparse.BooleanOptionalAction,
                      help="also compute the validation loss at each evaluation (default on)")
@@ -175,16 +205,53 @@ def get_loaders(args, train_set, val_set, world_size, rank):
     # random stream: a mid-epoch resume restores that stream and continues it exactly.
     generator = torch.Generator()
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, generator=generator, **common)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, sampler=val_sampler, **common)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler, **common)
     return train_loader, val_loader, train_sampler
 
 
 def get_model_options(args):
-    """Keyword arguments for the model: its internal resize and score threshold (absent keys keep its defaults)."""
+    """Keyword arguments for the model: its parts, anchors, internal resize, score threshold (absent: its defaults)."""
     sizes = {"min_size": args.min_size, "max_size": args.max_size, "box_score_thresh": args.box_score_thresh}
+    sizes.update(
+        backbone=args.backbone, neck=args.neck, anchor_sizes=args.anchor_sizes, anchor_ratios=args.anchor_ratios
+    )
     if args.data_augmentation == "multiscale":  # one shorter side per training batch, the largest for evaluation
         sizes["min_size"] = transforms.MULTISCALE_MIN_SIZES
     return {k: v for k, v in sizes.items() if v is not None}
+
+
+def build_model(args, num_classes, weights, device):
+    """The --model on `device`, with the fast path (channels_last, folded BatchNorm, --compile) applied."""
+    try:
+        model = models.get_model(
+            args.model,
+            num_classes=num_classes,  # your classes + background
+            weights=weights,
+            weights_backbone=None if args.weights_backbone == "none" else args.weights_backbone,
+            trainable_backbone_layers=args.trainable_backbone_layers,
+            **get_model_options(args),
+        )
+    except (
+        ValueError
+    ) as e:  # parts that do not fit together: anchors for another number of maps, --neck on a named model
+        raise utils.SetupError(str(e)) from e
+    model.to(device)
+    models.fast_path(model, channels_last=args.channels_last, fold_bn=args.fold_bn)
+    if args.compile:
+        model.backbone.compile()  # in place: the state dict keeps its keys (torch.compile(m) would prefix them)
+    return model
+
+
+def get_amp_dtype(args, device):
+    """The autocast dtype of --amp / --amp-dtype, or None for fp32."""
+    amp = args.amp
+    if amp is None:  # on where low precision is fast: CUDA, and CPUs that compute in bf16 natively
+        amp = device.type == "cuda" or (device.type == "cpu" and utils.cpu_has_native_bf16())
+    if not amp:
+        return None
+    dtype = args.amp_dtype or ("bf16" if device.type == "cpu" else "fp16")
+    print(f"Mixed precision: {dtype} autocast (--no-amp for fp32)")
+    return torch.bfloat16 if dtype == "bf16" else torch.float16
 
 
 def get_optimizer(args, model):
@@ -222,6 +289,10 @@ def check_args(args):
         raise utils.SetupError("--resume continues a run, --load-from starts a new one from its weights: pass one")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise utils.SetupError("--device cuda, but torch sees no CUDA GPU; pass --device cpu")
+    if args.model in ("retinanet", "fcos") and ("proposal" in args.eval or args.tta != "none" or args.tta_scales):
+        raise utils.SetupError(f"--eval proposal and --tta need a two-stage R-CNN; {args.model} has no RPN / RoI heads")
+    if args.amp_dtype == "fp16" and not args.device.startswith("cuda"):
+        raise utils.SetupError("--amp-dtype fp16 needs CUDA; on CPU use bf16 (the default) or --no-amp")
 
 
 def main(args):
@@ -284,19 +355,13 @@ def _run(args, distributed, rank, world_size, device, stop):
             f"{len(train_set)} training images cannot fill one batch of {args.batch_size} x {world_size} processes; "
             f"lower --batch-size or --val-size"
         )
+    if args.cache_images:
+        print(f"Cached the decoded images: {datasets.cache_images(train_set, val_set):.0f} MB")
     train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
 
     print("Creating model")
     # A checkpoint holds the whole model, so resuming rebuilds from it and needs no COCO download.
-    model = models.get_model(
-        args.model,
-        num_classes=len(class_names) + 1,  # + background
-        weights=resume or args.load_from or args.weights,
-        weights_backbone=None if args.weights_backbone == "none" else args.weights_backbone,
-        trainable_backbone_layers=args.trainable_backbone_layers,
-        **get_model_options(args),
-    )
-    model.to(device)
+    model = build_model(args, len(class_names) + 1, resume or args.load_from or args.weights, device)
     if distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
     model_without_ddp = model
@@ -308,7 +373,7 @@ def _run(args, distributed, rank, world_size, device, stop):
 
     optimizer = get_optimizer(args, model_without_ddp)
     lr_scheduler = get_lr_scheduler(args, optimizer)
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
+    amp_dtype = get_amp_dtype(args, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_epoch, first_step, best_ap, rng = 0, 0, -1.0, None
@@ -330,7 +395,7 @@ def _run(args, distributed, rank, world_size, device, stop):
 
     eval_options = dict(class_names=class_names, amp_dtype=amp_dtype, voc_metric=args.dataset == "voc")
     if args.test_only:
-        metrics = evaluate(model, val_loader, device, show_dir=args.show_dir, **eval_options)
+        metrics = run_evaluation(args, model, model_without_ddp, val_loader, device, eval_options, True, args.show_dir)
         write_detections(args.out, metrics, val_set)
         return metrics
 
@@ -395,12 +460,12 @@ def _run(args, distributed, rank, world_size, device, stop):
         metrics, val_loss = {}, {}
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
             last = epoch + 1 == args.epochs
-            show = dict(show_dir=os.path.join(args.output_dir, "val_images"), show_count=args.report_images)
-            metrics = evaluate(model, val_loader, device, **eval_options, **(show if last and rank == 0 else {}))
+            show = os.path.join(args.output_dir, "val_images") if last and rank == 0 else None
+            metrics = run_evaluation(args, model, model_without_ddp, val_loader, device, eval_options, last, show)
             if args.val_loss:
                 val_loss = validation_loss(model_without_ddp, val_loader, device, amp_dtype)
                 print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
-        ap = metrics.get("bbox", {}).get("AP", -1.0)
+        ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))  # best.pth picks
         is_best = ap > best_ap
         best_ap = max(best_ap, ap)
 
@@ -426,6 +491,27 @@ def _run(args, distributed, rank, world_size, device, stop):
     if rank == 0 and args.epochs > start_epoch:
         images = (args.epochs - start_epoch) * len(train_loader) * args.batch_size * world_size
         write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
+    return metrics
+
+
+def run_evaluation(args, model, model_without_ddp, val_loader, device, eval_options, final, show_dir=None):
+    """The --eval metrics; on the `final` evaluation the --tta ones too, under "tta", with the AP they change."""
+    metrics = {}
+    show = dict(show_dir=show_dir, show_count=None if args.test_only else args.report_images)
+    if "bbox" in args.eval:
+        metrics = evaluate(model, val_loader, device, **eval_options, **show)
+    if "proposal" in args.eval:
+        metrics["proposal"] = evaluate_proposals(model, val_loader, device, amp_dtype=eval_options["amp_dtype"])
+    if final and "bbox" in args.eval and (args.tta != "none" or args.tta_scales):
+        # each process wraps its own replica (not DDP's wrapper); evaluate() gathers the merged detections
+        tta = models.TTA(model_without_ddp, hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
+        print(f"Test-time augmentation: hflip {args.tta == 'hflip'}, scales {args.tta_scales or 'the model size'}")
+        tta_metrics = evaluate(tta, val_loader, device, **eval_options)
+        metrics["tta"] = {k: v for k, v in tta_metrics.items() if k != "detections"}
+        for iou_type in ("bbox", "segm", "keypoints"):
+            if iou_type in metrics:
+                before, after = metrics[iou_type]["AP"] * 100, metrics["tta"][iou_type]["AP"] * 100
+                print(f"{iou_type} AP without TTA {before:.1f}, with TTA {after:.1f} ({after - before:+.1f})")
     return metrics
 
 

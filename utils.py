@@ -316,6 +316,17 @@ def draw_predictions(image, prediction, class_names, score_thresh=0.5, color="li
     return image
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast is ~2x faster than fp32;
+    elsewhere it is emulated and can be slower. Read from /proc/cpuinfo, so False outside Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def peak_memory_mb():
     """Peak memory of this process: CUDA memory allocated on GPU, resident set size (RSS) on CPU, in MiB."""
     if torch.cuda.is_available():

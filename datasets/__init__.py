@@ -25,7 +25,7 @@ from utils import SetupError
 from .coco import CocoDetection
 from .custom import CustomDataset
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
-from .pennfudan import PennFudanDataset
+from .pennfudan import PennFudanDataset, cache_images  # noqa: F401 - datasets.cache_images
 from .voc import VOC_CLASSES, VOCDetection, list_annotation_ids, read_classes
 
 

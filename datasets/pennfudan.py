@@ -55,14 +55,36 @@ def download_pennfudan(root):
         )
 
 
+# Decoded images by (path, mode) once cache_images() is called: a small dataset is decoded once, not every epoch.
+_decoded = None
+
+
+def cache_images(*datasets):
+    """Decode every image of `datasets` now and keep them in memory (--cache-images); returns the MB used.
+
+    Run it in the main process before the DataLoader starts its workers: forked workers share these tensors' memory.
+    """
+    global _decoded
+    _decoded = {} if _decoded is None else _decoded
+    for dataset in datasets:
+        for i in range(len(dataset)):
+            dataset[i]  # noqa: B018 - reading a sample fills the cache
+    return sum(t.numel() for t in _decoded.values()) / 2**20
+
+
 def read_image(path, mode=None):
     """Decode an image file to a uint8 [C, H, W] tensor (PIL: torchvision.io's decoders are deprecated in 0.29).
 
     A missing, truncated or corrupt file raises SetupError naming it, not PIL's message without a file name.
     """
+    if _decoded is not None and (str(path), mode) in _decoded:
+        return _decoded[str(path), mode].clone()  # a copy: transforms may work in place
     try:
         with Image.open(path) as im:
-            return pil_to_tensor(im.convert(mode) if mode else im)
+            image = pil_to_tensor(im.convert(mode) if mode else im)
+        if _decoded is not None:
+            _decoded[str(path), mode] = image.clone()
+        return image
     except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unreadable, truncated and corrupt files
         raise SetupError(
             f"cannot read image {path}: {e}.\n  Replace or remove it (references/check_dataset.py lists every such "

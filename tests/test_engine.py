@@ -4,9 +4,12 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import engine
+import models
 import utils
+from engine import paste_masks
 
 
 class FixedModel(torch.nn.Module):
@@ -155,3 +158,58 @@ def test_voc_ap50_by_hand():
     assert table["a"] == pytest.approx(0.5 + 1 / 3)
     assert table["b"] != table["b"]  # no ground truth: NaN, left out of the mean
     assert engine.voc_ap50(gt, dets[:1] + dets[3:], ["a"])["a"] == pytest.approx(1.0)
+
+
+def test_paste_masks_equals_torchvision_paste_then_threshold():
+    g = torch.Generator().manual_seed(0)
+    for height, width in ((300, 400), (337, 379), (64, 48)):
+        masks = torch.rand(60, 1, 28, 28, generator=g)
+        corner = torch.rand(60, 2, generator=g) * torch.tensor([width, height])
+        size = torch.rand(60, 2, generator=g) * torch.tensor([width / 2, height / 2])
+        size[:5] = 0.3  # sub-pixel boxes
+        boxes = torch.cat([corner, corner + size], 1)  # boxes hanging over the right and bottom edges are clipped,
+        boxes[:, 0::2], boxes[:, 1::2] = (
+            boxes[:, 0::2].clamp(0, width),
+            boxes[:, 1::2].clamp(0, height),
+        )  # as detections
+        expected = paste_masks_in_image(masks, boxes, (height, width)) > 0.5
+        pasted = engine.paste_masks(masks, boxes, (height, width))
+        assert pasted.dtype == torch.bool and pasted.shape == expected.shape and torch.equal(pasted, expected)
+        # each mask column-major in memory: what pycocotools encodes, and the RLE matches the thresholded probabilities
+        assert pasted[:, 0].permute(1, 2, 0).numpy().flags["F_CONTIGUOUS"]
+        assert engine._encode_masks(pasted[:, 0]) == engine._encode_masks(expected[:, 0])
+
+
+def test_evaluate_scores_the_same_masks_as_torchvision_paste(monkeypatch):
+    class Wrapped(torch.nn.Module):  # not a GeneralizedRCNN: evaluate() leaves torchvision's own paste in place
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            return self.model(images)
+
+    torch.manual_seed(0)
+    model = models.get_model("maskrcnn_resnet50_fpn", num_classes=2, weights="none", min_size=64, max_size=96)
+    model.roi_heads.score_thresh = 0.0  # every detection is kept: 100 masks per image
+    loader = [
+        (
+            [torch.rand(3, 70, 90)],
+            [
+                {
+                    "boxes": torch.tensor([[5.0, 5, 40, 50]]),
+                    "labels": torch.tensor([1]),
+                    "masks": torch.ones(1, 70, 90, dtype=torch.uint8),
+                    "image_id": 1,
+                }
+            ],
+        )
+    ]
+    calls = []
+    monkeypatch.setattr(engine, "paste_masks", lambda *args: calls.append(1) or paste_masks(*args))
+    lean = engine.evaluate(model, loader, torch.device("cpu"), ["a"])
+    assert calls == [1]  # the model pasted through engine.paste_masks
+    reference = engine.evaluate(Wrapped(model), loader, torch.device("cpu"), ["a"])
+    assert len(lean["detections"]) == 100
+    assert [d["segmentation"] for d in lean["detections"]] == [d["segmentation"] for d in reference["detections"]]
+    assert lean["segm"] == reference["segm"]

@@ -12,8 +12,11 @@ SMALL = dict(min_size=64, max_size=96)
 @pytest.mark.parametrize("name", models.MODELS)
 def test_every_model_builds_for_num_classes(name):
     model = models.get_model(name, num_classes=3, weights="none", **SMALL)
-    assert model.roi_heads.box_predictor.cls_score.out_features == 3
-    assert model.roi_heads.box_predictor.bbox_pred.out_features == 12
+    if name in ("retinanet", "fcos"):  # one-stage: the classification head predicts the classes
+        assert model.head.classification_head.num_classes == 3
+    else:
+        assert model.roi_heads.box_predictor.cls_score.out_features == 3
+        assert model.roi_heads.box_predictor.bbox_pred.out_features == 12
     if name.startswith("maskrcnn"):
         assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
     model.eval()

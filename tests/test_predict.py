@@ -214,3 +214,25 @@ def test_browse_dataset_draws_the_ground_truth(data_dir, tmp_path):
         ys, xs = np.nonzero(ids == obj)
         if len(xs):
             assert tuple(drawn[ys.min(), xs.min()]) == RED
+
+
+def test_tta_predictions_mirror_with_the_image(faster_rcnn, data_dir, tmp_path):
+    """hflip TTA sees the same two views of an image and of its mirror image: mirrored, the same detections."""
+    tta = models.TTA(predict.load_model(faster_rcnn), hflip=True, scales=[64, 80]).eval()
+    tta.class_names = tta.model.class_names
+    image = to_dtype(pil_to_tensor(Image.open(data_dir / "PNGImages" / "Ped00000.png")), torch.float32, scale=True)
+    plain, mirrored = predict.predict(tta, [image, image.flip(-1)], score_thresh=0.0)
+    assert len(plain["boxes"]) > 0 and len(plain["boxes"]) == len(mirrored["boxes"])
+    width = image.shape[-1]
+    unmirrored = mirrored["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([width, 0, width, 0])
+    order = lambda r, boxes: sorted(zip(r["scores"].tolist(), boxes.tolist()))  # noqa: E731 - ties may swap
+    for (s1, b1), (s2, b2) in zip(order(plain, plain["boxes"]), order(mirrored, unmirrored)):
+        assert s1 == pytest.approx(s2, abs=1e-4) and b1 == pytest.approx(b2, abs=1e-2)
+
+    out = tmp_path / "out"  # the script's --tta path
+    argv = ["--checkpoint", faster_rcnn, data_dir / "PNGImages" / "Ped00000.png", "--out", out, "--score-thresh", 0]
+    predict.main(
+        predict.get_args_parser().parse_args([str(a) for a in [*argv, "--tta", "hflip", "--tta-scales", "64,80"]])
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == len(plain["boxes"])

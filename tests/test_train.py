@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
+import predict
 import train
+import utils
 
 TINY = ["--weights", "none", "--min-size", "64", "--max-size", "96", "-j", "0", "--print-freq", "5"]
 
@@ -353,3 +355,58 @@ def test_mask_model_on_a_box_only_dataset_is_refused(tmp_path):
             "--weights",
             "none",
         )
+
+
+def test_tta_and_proposal_recall_are_reported(pennfudan_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    model = ["--model", "fasterrcnn_mobilenet_v3_large_320_fpn", "--val-size", 3, "--epochs", 1, "--output-dir", out]
+    evaluation = ["--eval", "bbox", "proposal", "--tta", "hflip", "--tta-scales", "64,80", "--eval-batch-size", 2]
+    metrics = run("--data-path", pennfudan_dir, *model, *evaluation, "--cache-images", *TINY)
+    assert set(metrics["proposal"]) == {"AR@100", "AR@300", "AR@1000", "AR_s@1000", "AR_m@1000", "AR_l@1000"}
+    assert 0.0 <= metrics["proposal"]["AR@100"] <= metrics["proposal"]["AR@1000"] <= 1.0
+    assert set(metrics["tta"]["bbox"]) == set(metrics["bbox"])
+    printed = capsys.readouterr().out
+    assert (
+        f"bbox AP without TTA {metrics['bbox']['AP'] * 100:.1f}, with TTA {metrics['tta']['bbox']['AP'] * 100:.1f}"
+        in printed
+    )
+    assert "Cached the decoded images" in printed
+    epoch = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert (
+        json.dumps(epoch["proposal"]) == json.dumps(metrics["proposal"])
+        and epoch["tta"]["bbox"] == metrics["tta"]["bbox"]
+    )
+
+
+def test_composed_resnet18_pafpn_with_custom_anchors(pennfudan_dir, tmp_path, capsys):
+    """The README's composed model: trains, reloads exactly for --test-only and predict.py, reports TTA and AR."""
+    out = tmp_path / "run"
+    composed = ["--model", "fasterrcnn", "--backbone", "resnet18", "--neck", "pafpn"]
+    anchors = ["--anchor-sizes", "16,32,64,128,256", "--anchor-ratios", "0.5,1,2,3"]
+    evaluation = ["--eval", "bbox", "proposal", "--tta", "hflip"]
+    metrics = run("--data-path", pennfudan_dir, *composed, *anchors, "--val-size", 3, "--epochs", 1,
+                  "--output-dir", out, *evaluation, *TINY)  # fmt: skip
+    assert {"bbox", "proposal", "tta"} <= set(metrics)
+    model = predict.load_model(out / "checkpoint.pth")
+    assert model.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    assert model.rpn.head.cls_logits.out_channels == 4  # 1 size x 4 ratios per location
+    assert type(model.backbone.fpn).__name__ == "PAFPN" and model.backbone.body.layer4[0].conv1.in_channels == 256
+    again = run("--data-path", pennfudan_dir, *composed, *anchors, "--val-size", 3, "--output-dir", out,
+                "--test-only", "--resume", out / "checkpoint.pth", *TINY)  # fmt: skip
+    assert again["bbox"] == metrics["bbox"]  # the same model, rebuilt from the checkpoint
+
+    with pytest.raises(utils.SetupError, match="feature maps"):  # 3 sizes for 5 maps
+        run(
+            "--data-path",
+            pennfudan_dir,
+            *composed,
+            "--anchor-sizes",
+            "16,32,64",
+            "--val-size",
+            3,
+            "--output-dir",
+            tmp_path / "bad",
+            *TINY,
+        )
+    with pytest.raises(utils.SetupError, match="--model fasterrcnn"):
+        run("--data-path", pennfudan_dir, "--neck", "pafpn", "--val-size", 3, "--output-dir", tmp_path / "bad", *TINY)

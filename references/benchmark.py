@@ -1,0 +1,235 @@
+"""How fast does this machine fine-tune and evaluate? The project's default configuration against a plain one.
+
+    python references/benchmark.py --data-path ../shared/data/PennFudanPed --weights stand-in
+    python references/benchmark.py --data-path ../shared/data/PennFudanPed --weights stand-in \\
+        --model fasterrcnn_mobilenet_v3_large_fpn --batch-size 2 --repeats 3
+    python references/benchmark.py --data-path ../shared/data/PennFudanPed --weights none \\
+        --model fasterrcnn_mobilenet_v3_large_fpn --accuracy-epochs 6     # same training, AP of each configuration
+
+Configurations (--configs, in this order, alternating when --repeats > 1):
+    plain    fp32, contiguous (NCHW) layout, frozen BatchNorm as separate layers, torchvision's RoIAlign, evaluation
+             pinned to one thread: what torchvision's reference scripts do
+    default  train.py's defaults: bf16 autocast where the CPU has native bf16 (fp16 on CUDA), channels_last, frozen
+             BatchNorm folded into the convolutions, evaluation on every thread
+    compile  default + --compile (torch.compile of the backbone; its first steps compile, which the warm-up absorbs)
+Each measurement runs in a fresh process (peak memory is that process's), started one after the other so the
+configurations see the same machine: timings on a shared machine swing 2-3x, so compare within one run only.
+
+Training img/s: --iters steps after --warmup steps, data loading included (train.py's loader and -j workers).
+Evaluation img/s: the whole engine.evaluate() over --eval-images validation images, COCO scoring included.
+Peak memory: the process's peak RSS on CPU (DataLoader workers not counted), max allocated on CUDA.
+--weights stand-in: random weights laid out as torchvision's COCO file (frozen BatchNorm, 3 trainable backbone
+stages), so a machine without internet measures the speed of fine-tuning. Every other train.py flag is passed on.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
+import engine  # noqa: E402
+import train  # noqa: E402
+import utils  # noqa: E402
+
+# name -> (train.py flags, evaluation threads: None = all)
+CONFIGS = {
+    "plain": (["--no-amp", "--no-channels-last", "--no-fold-bn"], 1),
+    "default": ([], None),
+    "compile": (["--compile"], None),
+}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[train.get_args_parser(add_help=False)],
+        conflict_handler="resolve",
+    )
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--configs", default="plain,default", help="configurations to compare (default plain,default)")
+    bench.add_argument("--iters", default=10, type=int, help="timed training steps (default 10)")
+    bench.add_argument("--warmup", default=3, type=int, help="untimed training steps before them (default 3)")
+    bench.add_argument("--eval-images", default=20, type=int, help="validation images evaluated (default 20)")
+    bench.add_argument("--repeats", default=1, type=int, help="measurements of each configuration (default 1)")
+    bench.add_argument(
+        "--accuracy-epochs",
+        default=0,
+        type=int,
+        help="instead: train each configuration for N epochs with train.py and compare AP (default 0)",
+    )
+    bench.add_argument("--json", default="work_dirs/benchmark/benchmark.json", help="results file")
+    bench.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one measurement, in a child process
+    return parser
+
+
+class Take:
+    """`n` batches of a DataLoader, passing over it again when it ends, with a length (MetricLogger prints [i/n])."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        taken = 0
+        while taken < self.n:
+            for batch in self.loader:
+                yield batch
+                taken += 1
+                if taken == self.n:
+                    return
+
+
+def stand_in_weights(model_name, folder):
+    """A torchvision COCO-layout file of random weights: get_model builds from it as from the real download."""
+    state = torchvision.models.get_model(model_name, weights=None, weights_backbone=None, num_classes=91).state_dict()
+    path = os.path.join(folder, f"{model_name}_stand_in.pth")
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    return path
+
+
+def measure(args):
+    """One configuration, in this process: training and evaluation throughput, peak memory."""
+    eval_threads = CONFIGS[args.worker][1]
+    train_set, val_set, class_names = train.get_datasets(args)
+    val_set = torch.utils.data.Subset(val_set, range(min(args.eval_images, len(val_set))))
+    train_loader, val_loader, _ = train.get_loaders(args, train_set, val_set, 1, 0)
+    device = torch.device(args.device)
+    args.lr = args.lr or 0.005 * args.batch_size / 2  # train.py's default: one process
+    model = train.build_model(args, len(class_names) + 1, args.weights, device)
+    optimizer = train.get_optimizer(args, model)
+    amp_dtype = train.get_amp_dtype(args, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    def steps(n):  # epoch 1: no lr warm-up, the steady state
+        engine.train_one_epoch(model, optimizer, Take(train_loader, n), device, 1, args.print_freq, scaler, amp_dtype)
+
+    steps(args.warmup)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    steps(args.iters)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    train_seconds = time.perf_counter() - tic
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(eval_threads or threads)
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        model([val_set[0][0].to(device)])  # warm-up: the first call of a kernel at a new size is slow
+    tic = time.perf_counter()
+    metrics = engine.evaluate(model, val_loader, device, class_names, amp_dtype=amp_dtype, print_freq=1000)
+    eval_seconds = time.perf_counter() - tic
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in kB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    return {
+        "train_img_s": args.iters * args.batch_size / train_seconds,
+        "eval_img_s": len(val_set) / eval_seconds,
+        "peak_mb": peak,
+        "bbox_AP": metrics.get("bbox", {}).get("AP"),
+    }
+
+
+def run_worker(argv, config):
+    """`measure` in a child process (fresh memory, fresh thread pools); returns its JSON line."""
+    command = [sys.executable, __file__, *argv, "--worker", config]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise utils.SetupError(f"the {config} measurement failed:\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def train_for_accuracy(argv, config, args):
+    """train.py for --accuracy-epochs in a child process; its final metrics from log.jsonl."""
+    out = os.path.join(os.path.dirname(args.json) or ".", f"accuracy_{config}")
+    flags = [*argv, *CONFIGS[config][0], "--epochs", str(args.accuracy_epochs), "--output-dir", out]
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *flags]
+    tic = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise utils.SetupError(f"training the {config} configuration failed:\n{done.stderr.strip()[-2000:]}")
+    last = json.loads(Path(out, "log.jsonl").read_text().splitlines()[-1])
+    result = {"minutes": (time.perf_counter() - tic) / 60}
+    result.update({f"{t}_{k}": last[t][k] for t in ("bbox", "segm") if t in last for k in ("AP", "AP50")})
+    return result
+
+
+def own_argv(argv):
+    """The command line without the benchmark's own flags: what train.py (and the workers) receive."""
+    own = {"--configs", "--iters", "--warmup", "--eval-images", "--repeats", "--accuracy-epochs", "--json"}
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.split("=")[0] in own:
+            skip = "=" not in arg
+        else:
+            kept.append(arg)
+    return kept
+
+
+def main(args, argv):
+    configs = args.configs.split(",")
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise utils.SetupError(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    passed = own_argv(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        if args.weights == "stand-in":  # argparse keeps the last --weights
+            passed = [*passed, "--weights", stand_in_weights(args.model, folder)]
+        results = {c: [] for c in configs}
+        for repeat in range(1 if args.accuracy_epochs else args.repeats):
+            for config in configs:
+                print(f"[{repeat + 1}/{args.repeats}] {config} ...", flush=True)
+                if args.accuracy_epochs:
+                    results[config].append(train_for_accuracy(passed, config, args))
+                else:
+                    results[config].append(run_worker([*passed, *CONFIGS[config][0]], config))
+    # per configuration: the median over repeats of each number
+    summary = {
+        c: {k: statistics.median(r[k] for r in runs if r[k] is not None) for k in runs[0]}
+        for c, runs in results.items()
+    }
+
+    print(
+        f"\n{args.model} on {args.dataset}, batch {args.batch_size}, device {args.device}, "
+        f"{torch.get_num_threads()} threads, median of {len(next(iter(results.values())))} runs"
+    )
+    keys = list(summary[configs[0]])
+    print(f"| config | {' | '.join(keys)} |\n|---|{'---|' * len(keys)}")
+    for config in configs:
+        print(f"| {config} | " + " | ".join(f"{summary[config][k]:.3g}" for k in keys) + " |")
+    if "plain" in summary and len(configs) > 1:
+        for config in configs[1:]:
+            ratios = ", ".join(
+                f"{k} x{summary[config][k] / summary['plain'][k]:.2f}" for k in keys if summary["plain"][k]
+            )
+            print(f"{config} / plain: {ratios}")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"command": " ".join([sys.executable, *sys.argv]), "runs": results, "median": summary}, f, indent=2)
+    print(f"Wrote {args.json}")
+
+
+if __name__ == "__main__":
+    parsed = get_args_parser().parse_args()
+    if parsed.worker:  # a child process: one measurement, printed as the last line
+        print(json.dumps(measure(parsed)))
+    else:
+        utils.cli(lambda a: main(a, sys.argv[1:]), get_args_parser())

@@ -1,0 +1,134 @@
+"""The fast path (models.fast_path, bf16 autocast) computes what the plain model computes."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.ops import FrozenBatchNorm2d
+
+import models
+import utils
+
+
+def _pretrained_like(tmp_path, name, num_classes=3, **kwargs):
+    """`name` built as from COCO weights (frozen BatchNorm, early stages frozen), with non-trivial BN statistics."""
+    torch.manual_seed(0)
+    state = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=91).state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for key, value in state.items():  # identity BatchNorm would make folding trivially exact
+        if key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
+            value.uniform_(0.5, 1.5)
+        elif key.endswith("running_mean") or (key.endswith(".bias") and "bn" in key):
+            value.normal_(0, 0.1)
+    torch.save(state, tmp_path / "coco.pth")
+    return models.get_model(name, num_classes=num_classes, weights=str(tmp_path / "coco.pth"), **kwargs)
+
+
+def _batch(masks=False):
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 72, 96, generator=g), torch.rand(3, 80, 64, generator=g)]
+    targets = []
+    for image, box in zip(images, ([8.0, 10, 60, 50], [5.0, 20, 40, 70])):
+        target = {"boxes": torch.tensor([box]), "labels": torch.tensor([1])}
+        if masks:
+            target["masks"] = torch.zeros(1, *image.shape[-2:], dtype=torch.uint8)
+            x1, y1, x2, y2 = map(int, box)
+            target["masks"][0, y1:y2, x1:x2] = 1
+        targets.append(target)
+    return images, targets
+
+
+def _losses_and_grads(model, images, targets, amp_dtype=None):
+    model.train()
+    torch.manual_seed(1)  # the RPN and RoI heads sample proposals at random: the same draws for both models
+    with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        losses = model(images, targets)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return {k: v.item() for k, v in losses.items()}, grads
+
+
+def _float64(images, targets):
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    return [image.double() for image in images], targets
+
+
+def _relative_error(values, reference):
+    """The largest error over all tensors, each relative to the largest entry of its reference."""
+    return max(
+        float((values[k] - reference[k]).abs().max() / reference[k].abs().max().clamp(min=1e-12)) for k in values
+    )
+
+
+@pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_folding_batchnorm_changes_neither_losses_nor_gradients(tmp_path, name):
+    plain = _pretrained_like(tmp_path, name, min_size=64, max_size=96)
+    frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in plain.modules())
+    fast = copy.deepcopy(plain)
+    assert models.fold_frozen_batchnorm(fast) == frozen > 20  # every frozen BatchNorm found its conv
+    assert fast.state_dict().keys() == plain.state_dict().keys()  # checkpoints stay interchangeable
+    images, targets = _batch(masks=name.startswith("mask"))
+    # fp32 sums in another order differ by ~1e-4 in a deep random network: judge both against float64
+    truth = _losses_and_grads(copy.deepcopy(plain).double(), *_float64(images, targets))
+    losses, grads = _losses_and_grads(plain, images, targets)
+    fast_losses, fast_grads = _losses_and_grads(fast, images, targets)
+    assert fast_grads.keys() == grads.keys() and any(n.startswith("backbone.body") for n in grads)
+    as_tensors = lambda d: {k: torch.tensor(v) for k, v in d.items()}  # noqa: E731
+    assert _relative_error(as_tensors(fast_losses), as_tensors(truth[0])) < 1e-4
+    assert _relative_error(fast_grads, truth[1]) <= 2 * max(_relative_error(grads, truth[1]), 1e-5)
+    plain.eval(), fast.eval()
+    with torch.no_grad():
+        expected, got = plain(images), fast(images)
+    for a, b in zip(expected, got):
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3) and torch.allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+def test_fast_path_trains_like_fp32(tmp_path):
+    """Four SGD steps with bf16 autocast + channels_last + folded BatchNorm follow the fp32 run.
+
+    The RPN's losses are computed on anchors sampled from the ground truth alone, so they must agree to bf16's
+    precision (8-bit mantissa, ~0.4% per rounding): 1%. The RoI heads' losses are computed on proposals the model
+    ranks itself, and a near-tie that bf16 breaks the other way samples other proposals: 10%.
+    """
+    plain = _pretrained_like(tmp_path, "fasterrcnn_mobilenet_v3_large_320_fpn", min_size=64, max_size=96)
+    fast = models.fast_path(copy.deepcopy(plain))
+    images, targets = _batch()
+    history = {}
+    for label, model, amp_dtype in (("fp32", plain, None), ("fast", fast, torch.bfloat16)):
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        history[label] = []
+        for _ in range(4):
+            model.train()
+            torch.manual_seed(1)
+            with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                losses = model(images, targets)
+            sum(losses.values()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            history[label].append({k: v.item() for k, v in losses.items()})
+    for expected, got in zip(history["fp32"], history["fast"]):
+        for name in expected:
+            tolerance = 0.01 if "rpn" in name or "objectness" in name else 0.1
+            assert got[name] == pytest.approx(expected[name], rel=tolerance), (name, history)
+    assert history["fast"][-1]["loss_classifier"] < history["fast"][0]["loss_classifier"]  # it learns
+    fast.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        objectness, deltas = fast.rpn.head(list(fast.backbone(torch.rand(1, 3, 64, 96)).values()))
+        outputs = fast(images)
+    assert objectness[0].dtype == deltas[0].dtype == torch.float32  # decoded and matched in fp32
+    assert outputs[0]["boxes"].dtype == torch.float32
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx2 avx512f avx512_bf16", True), ("fpu avx2 avx512f", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor : 0\nflags : {flags}\n")
+        monkeypatch.setattr(
+            builtins, "open", lambda p, *a, info=cpuinfo, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
+        )
+        assert utils.cpu_has_native_bf16() is expected
