@@ -23,6 +23,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from fast_roi_align import use_fast_roi_align
 from transforms import COCO_KEYPOINT_FLIP
 from utils import SetupError
 
@@ -571,11 +572,13 @@ def _float32_outputs(module, inputs, output):
     return output
 
 
-def fast_path(model, channels_last=True, fold_bn=True):
+def fast_path(model, channels_last=True, fold_bn=True, fast_roi_align=False):
     """Make `model` fast on its device without changing what it computes in fp32.
 
     channels_last: NHWC feature maps, the layout oneDNN (CPU) and cuDNN tensor cores run convolutions in.
     fold_bn: frozen BatchNorm folded into the convolutions (fine-tuned models from COCO/ImageNet weights have 50+).
+    fast_roi_align: an R-CNN's RoI poolers computed by multi-threaded torch ops (fast_roi_align.py), for CPUs:
+    torchvision's CPU kernel runs on one thread and took 25-40% of a training step.
     Always: the heads' outputs are cast to fp32, so that under bf16/fp16 autocast the box decoding, anchor matching
     and losses stay in fp32 (bf16 has 8 bits of mantissa: at x = 1000 px a box edge moves in steps of 4-8 px).
     """
@@ -583,6 +586,8 @@ def fast_path(model, channels_last=True, fold_bn=True):
         fold_frozen_batchnorm(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if fast_roi_align and hasattr(model, "roi_heads"):
+        use_fast_roi_align(model)
     heads = [getattr(model, "rpn", None) and model.rpn.head, getattr(model, "head", None)]  # RPN; RetinaNet/FCOS
     roi_heads = getattr(model, "roi_heads", None)
     heads += [getattr(roi_heads, name, None) for name in ("box_predictor", "mask_predictor", "keypoint_predictor")]

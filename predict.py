@@ -72,7 +72,10 @@ def load_model(checkpoint, device="cpu"):
             sizes["min_size"] = transforms.MULTISCALE_MIN_SIZES
         model = models.get_model(args["model"], num_classes=len(class_names) + 1, weights=checkpoint, **sizes)
     model.class_names = class_names
-    return model.to(device).eval()
+    model.to(device)
+    # channels_last, folded BatchNorm and (CPU) the multi-threaded RoIAlign: faster, the same detections in fp32
+    models.fast_path(model, fast_roi_align=torch.device(device).type == "cpu")
+    return model.eval()
 
 
 def to_image(image):

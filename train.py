@@ -86,6 +86,9 @@ def get_args_parser(add_help=True):
                        help="NHWC memory layout, faster convolutions on CPU and GPU (default on)")
     model.add_argument("--fold-bn", default=True, action=argparse.BooleanOptionalAction,
                        help="fold frozen BatchNorm into the convolutions before it; same results (default on)")
+    model.add_argument("--fast-roi-align", default=True, action=argparse.BooleanOptionalAction,
+                       help="on CPU, RoIAlign by multi-threaded torch ops instead of torchvision's one-thread kernel; "
+                            "same results to 1e-6 (default on)")
     model.add_argument("--compile", action="store_true",
                        help="torch.compile the backbone: slow first steps, then faster (default off)")
     model.add_argument("--min-size", default=None, type=int,
@@ -236,7 +239,8 @@ def build_model(args, num_classes, weights, device):
     ) as e:  # parts that do not fit together: anchors for another number of maps, --neck on a named model
         raise utils.SetupError(str(e)) from e
     model.to(device)
-    models.fast_path(model, channels_last=args.channels_last, fold_bn=args.fold_bn)
+    fast_roi_align = args.fast_roi_align and device.type == "cpu"  # on CUDA torchvision's kernel is the fast one
+    models.fast_path(model, channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=fast_roi_align)
     if args.compile:
         model.backbone.compile()  # in place: the state dict keeps its keys (torch.compile(m) would prefix them)
     return model

@@ -43,7 +43,7 @@ import utils  # noqa: E402
 
 # name -> (train.py flags, evaluation threads: None = all)
 CONFIGS = {
-    "plain": (["--no-amp", "--no-channels-last", "--no-fold-bn"], 1),
+    "plain": (["--no-amp", "--no-channels-last", "--no-fold-bn", "--no-fast-roi-align"], 1),
     "default": ([], None),
     "compile": (["--compile"], None),
 }
@@ -92,9 +92,26 @@ class Take:
                     return
 
 
+@torch.no_grad()
 def stand_in_weights(model_name, folder):
-    """A torchvision COCO-layout file of random weights: get_model builds from it as from the real download."""
-    state = torchvision.models.get_model(model_name, weights=None, weights_backbone=None, num_classes=91).state_dict()
+    """A torchvision COCO-layout file of random weights: get_model builds from it as from the real download.
+
+    Its BatchNorm statistics are measured on random images, so that activations keep a sane scale through the
+    frozen layers, as with trained weights (with the initial mean 0 / variance 1 they grow without bound, and a
+    step then costs what NaN and huge proposal sets cost, not what fine-tuning costs).
+    """
+    model = torchvision.models.get_model(model_name, weights=None, weights_backbone=None, num_classes=91)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batches
+    model.backbone.train()
+    mean, std = (
+        torch.tensor(model.transform.image_mean)[:, None, None],
+        torch.tensor(model.transform.image_std)[:, None, None],
+    )
+    for _ in range(4):
+        model.backbone((torch.rand(2, 3, 512, 640) - mean) / std)
+    state = model.state_dict()
     path = os.path.join(folder, f"{model_name}_stand_in.pth")
     torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
     return path
@@ -107,20 +124,24 @@ def measure(args):
     val_set = torch.utils.data.Subset(val_set, range(min(args.eval_images, len(val_set))))
     train_loader, val_loader, _ = train.get_loaders(args, train_set, val_set, 1, 0)
     device = torch.device(args.device)
-    args.lr = args.lr or 0.005 * args.batch_size / 2  # train.py's default: one process
+    # The speed does not depend on the lr; random stand-in heads diverge at the tutorial's 0.005 without warm-up
+    args.lr = args.lr or 1e-4
     model = train.build_model(args, len(class_names) + 1, args.weights, device)
     optimizer = train.get_optimizer(args, model)
     amp_dtype = train.get_amp_dtype(args, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     def steps(n):  # epoch 1: no lr warm-up, the steady state
-        engine.train_one_epoch(model, optimizer, Take(train_loader, n), device, 1, args.print_freq, scaler, amp_dtype)
+        options = dict(max_nonfinite=n)  # a NaN step is skipped and counted, not fatal, in a speed measurement
+        return engine.train_one_epoch(
+            model, optimizer, Take(train_loader, n), device, 1, args.print_freq, scaler, amp_dtype, **options
+        )
 
     steps(args.warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
     tic = time.perf_counter()
-    steps(args.iters)
+    skipped = steps(args.iters)["nonfinite_skipped"]
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - tic
@@ -143,6 +164,7 @@ def measure(args):
         "eval_img_s": len(val_set) / eval_seconds,
         "peak_mb": peak,
         "bbox_AP": metrics.get("bbox", {}).get("AP"),
+        "nan_steps": skipped,
     }
 
 

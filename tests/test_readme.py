@@ -3,10 +3,12 @@
 import re
 
 import numpy as np
+import torch
 from conftest import REPO
 from PIL import Image
 
 import datasets
+import models
 import train
 
 
@@ -66,3 +68,38 @@ def test_csv_dataset_example_follows_the_contract_and_trains(tmp_path, monkeypat
     ]
     metrics = train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
     assert set(metrics["bbox_per_class"]) == {"cat", "dog"} and (tmp_path / "run" / "checkpoint.pth").is_file()
+
+
+def _paste_into_models(monkeypatch, name, new_names):
+    """Run a README block as if pasted at the end of models.py; undone after the test."""
+    for table in ("STAGES", "BACKBONES", "NECKS"):
+        monkeypatch.setattr(models, table, dict(getattr(models, table)))
+    for new in new_names:
+        monkeypatch.setattr(models, new, None, raising=False)  # deleted again after the test
+    exec(readme_block(name), vars(models))
+
+
+def _one_training_step(**parts):
+    model = models.get_model(**parts, num_classes=3, weights="none", min_size=64, max_size=96)
+    model.train()
+    target = {"boxes": torch.tensor([[8.0, 10, 50, 60]]), "labels": torch.tensor([1])}
+    losses = model([torch.rand(3, 72, 96)], [target])
+    sum(losses.values()).backward()
+    return model, losses
+
+
+def test_own_backbone_example_becomes_selectable(monkeypatch):
+    _paste_into_models(monkeypatch, "backbone", ["regnet"])
+    args = train.get_args_parser().parse_args(["--model", "fasterrcnn", "--backbone", "regnet_y_400mf"])
+    model, losses = _one_training_step(name=args.model, backbone=args.backbone, neck="pafpn")
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.backbone.body["4"][0].proj[0].out_channels == 440  # the last stage, as STAGES says
+
+
+def test_own_neck_example_becomes_selectable(monkeypatch):
+    _paste_into_models(monkeypatch, "neck", ["ChannelMapper"])
+    args = train.get_args_parser().parse_args(["--model", "fasterrcnn", "--backbone", "resnet18", "--neck", "mapper"])
+    model, losses = _one_training_step(name=args.model, backbone=args.backbone, neck=args.neck)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,))  # 4 maps: 4 sizes
+    assert list(model.backbone.strides.values()) == [4, 8, 16, 32]
