@@ -283,6 +283,8 @@ def set_anchors(model, sizes=None, ratios=None):
     if sizes is None and ratios is None:
         return model
     old, head = model.rpn.anchor_generator, model.rpn.head
+    if sizes is not None and not isinstance(sizes[0], (tuple, list)) and any(len(s) > 1 for s in old.sizes):
+        sizes = [tuple(sizes)] * len(old.sizes)  # several sizes on every map (the mobilenet FPNs): keep that layout
     model.rpn.anchor_generator = anchor_generator(len(old.sizes), sizes or old.sizes, ratios or old.aspect_ratios)
     count = model.rpn.anchor_generator.num_anchors_per_location()[0]
     if count != head.cls_logits.out_channels:

@@ -212,7 +212,9 @@ def percentiles(values):
 
 def main(args):
     # Random weights: nothing is downloaded, and the resize and the anchors do not depend on the weights
-    model = models.get_model(args.model, num_classes=2, weights="none", **train.get_model_options(args))
+    # (built with its own anchors: --anchor-sizes / --anchor-ratios here name the grid to judge)
+    options = {**train.get_model_options(args), "anchor_sizes": None, "anchor_ratios": None}
+    model = models.get_model(args.model, num_classes=2, weights="none", **options)
     min_size, max_size = model.transform.min_size[-1], model.transform.max_size  # evaluation's, px
     generator = model.rpn.anchor_generator
     levels = len(generator.sizes)
@@ -268,10 +270,9 @@ def main(args):
     print(f"  --anchor-sizes {','.join(map(str, sizes))} --anchor-ratios {','.join(map(str, ratios))}")
     level_sizes = tuple((s,) for s in sizes) if per_level else (tuple(sizes),) * levels
     print(f"  AnchorGenerator(sizes={level_sizes}, aspect_ratios=({tuple(ratios)},) * {levels})")
-    print("note: train.py does not take --anchor-sizes / --anchor-ratios yet (they come with the model-composition\n"
-          "  change); until then give the AnchorGenerator above to the model in models.py.")  # fmt: skip
+    print("  (pass the flags to train.py with the same --model; the AnchorGenerator is for models.py)")
     if len(level_sizes[0]) * len(ratios) != generator.num_anchors_per_location()[0]:
-        print("  A different number of anchors per location resizes the RPN head: its COCO weights will not load.")
+        print("  A different number of anchors per location gives the RPN fresh last layers: train a few epochs more.")
     return grids[best]
 
 

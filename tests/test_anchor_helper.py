@@ -133,7 +133,9 @@ def test_suggestion_fits_elongated_boxes_better_than_the_default(tmp_path, capsy
     assert suggested_flags(out) == (sizes, ratios)
     assert len(sizes) == 5 and sizes == sorted(sizes) and len(ratios) == 3  # one size per FPN level
     assert max(ratios) > 3  # the boxes are 4-6 times taller than wide
-    assert "train.py does not take --anchor-sizes" in out and "AnchorGenerator(sizes=((" in out
+    assert "pass the flags to train.py" in out and "AnchorGenerator(sizes=((" in out
+    model = models.get_model("fasterrcnn_resnet50_fpn", 2, weights="none", anchor_sizes=sizes, anchor_ratios=ratios)
+    assert model.rpn.anchor_generator.sizes == tuple((s,) for s in sizes)  # train.py takes the printed flags
 
     ds = datasets.CocoDetection(root / "images", root / "train.json")
     shapes, *_ = anchor_helper.box_shapes(anchor_helper.dataset_boxes(ds), 800, 1333)

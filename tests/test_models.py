@@ -79,3 +79,13 @@ def test_offline_weights_say_what_to_pass(tmp_path, monkeypatch):
         models.get_model("maskrcnn_resnet50_fpn", num_classes=2, weights="NOPE")
     with pytest.raises(SetupError, match="does not exist"):
         models.get_model("maskrcnn_resnet50_fpn", num_classes=2, weights=str(tmp_path / "missing.pth"))
+
+
+def test_flat_anchor_sizes_keep_the_models_layout():
+    """One size per map for FPN R-CNNs (resnet50_fpn); all sizes on every map where the model has that (mobilenet)."""
+    sizes, ratios = [16, 32, 64, 128, 256], [1.0, 2.0]
+    per_level = models.get_model("fasterrcnn_resnet50_fpn", 2, weights="none", anchor_sizes=sizes, **SMALL)
+    assert per_level.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    model = models.get_model("fasterrcnn_mobilenet_v3_large_fpn", 2, "none", anchor_sizes=sizes, anchor_ratios=ratios)
+    assert model.rpn.anchor_generator.sizes == (tuple(sizes),) * 3
+    assert model.rpn.head.cls_logits.out_channels == 10  # 5 sizes x 2 ratios per location
