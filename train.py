@@ -24,6 +24,9 @@ import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, evaluate_proposals, train_one_epoch, validation_loss
 
+# Flags that shape the model: a --resume / --test-only run rebuilds it with the checkpoint's values
+STRUCTURE = ("model", "backbone", "neck", "anchor_sizes", "anchor_ratios")
+
 
 def get_args_parser(add_help=True):
     # One flag per line or two, so the flags read as a table (ruff format would spread each over five lines).
@@ -339,7 +342,11 @@ def _run(args, distributed, rank, world_size, device, stop):
         raise utils.SetupError("\n".join(problems))
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
     if resume:  # continuing or evaluating a checkpoint of other classes would score heads that mean something else
-        saved = load_checkpoint(resume).get("class_names")
+        saved, built = load_checkpoint(resume).get("class_names"), load_checkpoint(resume).get("args", {})
+        for key in STRUCTURE:  # the model is rebuilt as the checkpoint's run built it
+            if key in built and built[key] != getattr(args, key):
+                print(f"Note: {resume} was trained with --{key.replace('_', '-')} {built[key]}: using that")
+                setattr(args, key, built[key])
         if saved is not None and list(saved) != list(class_names):
             raise utils.SetupError(
                 f"{resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
