@@ -566,12 +566,38 @@ def fold_frozen_batchnorm(model):
 
 def _float32_outputs(module, inputs, output):
     if isinstance(output, torch.Tensor):
-        return output.float()
+        return output.float().contiguous()  # contiguous: torchvision's losses .view() them (keypoints)
     if isinstance(output, (tuple, list)):
         return type(output)(_float32_outputs(module, inputs, o) for o in output)
     if isinstance(output, dict):  # RetinaNet / FCOS heads
         return {k: _float32_outputs(module, inputs, v) for k, v in output.items()}
     return output
+
+
+def _pad_rows(head, predictor, multiple):
+    """Pad the RoIs going into `head` with zeros to a multiple of `multiple`; drop them again after `predictor`.
+
+    oneDNN (bf16 matrix products and convolutions on CPU) compiles and caches a kernel for every input shape, and
+    the number of RoIs changes from step to step and image to image: a box head's fc6 cached ~5 MB per RoI count, up
+    to 1,024 of them (5 GB) in a long run. With padding there are a few shapes. Zero rows add nothing to the weight
+    gradients. Heads with BatchNorm are left alone (zero rows would change their batch statistics).
+    """
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in head.modules()):
+        return
+    rows = []  # the true count, from the head's call to its predictor's
+
+    def pad(module, args):
+        x = args[0]
+        rows.append(x.shape[0])
+        padding = -x.shape[0] % multiple
+        return (torch.cat([x, x.new_zeros((padding, *x.shape[1:]))]), *args[1:]) if padding else None
+
+    def unpad(module, args, output):
+        n = rows.pop()
+        return tuple(o[:n] for o in output) if isinstance(output, tuple) else output[:n]
+
+    head.register_forward_pre_hook(pad)
+    predictor.register_forward_hook(unpad)
 
 
 def fast_path(model, channels_last=True, fold_bn=True, fast_roi_align=False):
@@ -582,7 +608,8 @@ def fast_path(model, channels_last=True, fold_bn=True, fast_roi_align=False):
     fast_roi_align: an R-CNN's RoI poolers computed by multi-threaded torch ops (fast_roi_align.py), for CPUs:
     torchvision's CPU kernel runs on one thread and took 25-40% of a training step.
     Always: the heads' outputs are cast to fp32, so that under bf16/fp16 autocast the box decoding, anchor matching
-    and losses stay in fp32 (bf16 has 8 bits of mantissa: at x = 1000 px a box edge moves in steps of 4-8 px).
+    and losses stay in fp32 (bf16 has 8 bits of mantissa: at x = 1000 px a box edge moves in steps of 4-8 px), and
+    the RoI heads see a few RoI counts (padded with zeros) so that oneDNN's per-shape kernel cache stays small.
     """
     if fold_bn:
         fold_frozen_batchnorm(model)
@@ -595,6 +622,9 @@ def fast_path(model, channels_last=True, fold_bn=True, fast_roi_align=False):
     heads += [getattr(roi_heads, name, None) for name in ("box_predictor", "mask_predictor", "keypoint_predictor")]
     for head in filter(None, heads):
         head.register_forward_hook(_float32_outputs)
+    for name, multiple in (("box", 64), ("mask", 16), ("keypoint", 16)):
+        if getattr(roi_heads, f"{name}_head", None) is not None:
+            _pad_rows(getattr(roi_heads, f"{name}_head"), getattr(roi_heads, f"{name}_predictor"), multiple)
     return model
 
 

@@ -121,6 +121,34 @@ def test_fast_path_trains_like_fp32(tmp_path):
     assert outputs[0]["boxes"].dtype == torch.float32
 
 
+def test_roi_heads_see_a_few_padded_shapes_and_compute_the_same(tmp_path):
+    """oneDNN caches a kernel per input shape (~5 MB each for a box head's fc6 in bf16, up to 1,024 of them): the
+    fast path pads the RoIs to a multiple of 64 (box head) or 16 (mask head), and the padding changes nothing."""
+    plain = _pretrained_like(tmp_path, "maskrcnn_resnet50_fpn", min_size=64, max_size=96)
+    padded, rows = copy.deepcopy(plain), {}
+    for when in ("before", "after"):  # pre-hooks run in order: before the fast path's padding, and after it
+        for name in ("box", "mask"):
+            record = rows.setdefault((name, when), [])
+            head = getattr(padded.roi_heads, f"{name}_head")
+            head.register_forward_pre_hook(lambda m, a, r=record: r.append(len(a[0])))
+        if when == "before":
+            models.fast_path(padded, channels_last=False, fold_bn=False)
+    images, targets = _batch(masks=True)
+    losses, grads = _losses_and_grads(plain, images, targets)
+    padded_losses, padded_grads = _losses_and_grads(padded, images, targets)
+    assert padded_losses == pytest.approx(losses, rel=1e-5)
+    assert padded_grads.keys() == grads.keys() and _relative_error(padded_grads, grads) < 1e-5
+    plain.eval(), padded.eval()
+    with torch.no_grad():
+        expected, got = plain(images), padded(images)
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    for name, multiple in (("box", 64), ("mask", 16)):
+        before, after = rows[name, "before"], rows[name, "after"]
+        assert all(n % multiple == 0 for n in after) and any(n % multiple for n in before), rows  # padding was needed
+        assert [-(-n // multiple) * multiple for n in before] == after, rows
+
+
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
     import builtins
 
