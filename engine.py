@@ -307,6 +307,25 @@ def voc_ap50(annotations, detections, class_names):
     return table
 
 
+def _gather(per_image):
+    """{image_id: (image entry, annotations, results)} of every rank -> images, annotations, results, merged."""
+    merged = {}
+    for part in utils.all_gather(per_image):  # rank order; a padded duplicate keeps its first copy
+        for image_id, record in part.items():
+            merged.setdefault(image_id, record)
+    records = list(merged.values())
+    return [r[0] for r in records], [a for r in records for a in r[1]], [d for r in records for d in r[2]]
+
+
+def _load_results(coco_gt, images, results, class_names):
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes writes ids and areas into the dicts it gets (copies keep ours clean) and cannot take an empty
+        # list: an untrained model still gets its (zero) table
+        if not results:
+            return coco_from_records(images, [], class_names)
+        return coco_gt.loadRes([dict(r) for r in results])
+
+
 @torch.inference_mode()
 def evaluate(
     model,
@@ -359,13 +378,7 @@ def evaluate(
                     os.path.join(show_dir, f"{target['image_id']}.png")
                 )
 
-    merged = {}
-    for part in utils.all_gather(per_image):  # rank order; a padded duplicate keeps its first copy
-        for image_id, record in part.items():
-            merged.setdefault(image_id, record)
-    images = [record[0] for record in merged.values()]
-    annotations = [ann for record in merged.values() for ann in record[1]]
-    detections = [det for record in merged.values() for det in record[2]]
+    images, annotations, detections = _gather(per_image)
     if class_names is None:
         class_names = [str(k) for k in range(1, max([a["category_id"] for a in annotations], default=0) + 1)]
 
@@ -374,15 +387,7 @@ def evaluate(
     coco_gt = coco_from_records(images, annotations, class_names)
     results = {"detections": detections}
     for iou_type in iou_types:
-        with contextlib.redirect_stdout(io.StringIO()):
-            # loadRes writes ids and areas into the dicts it gets (copies keep ours clean) and cannot take an
-            # empty list: an untrained model still gets its (zero) table
-            coco_dt = (
-                coco_gt.loadRes([dict(d) for d in detections])
-                if detections
-                else coco_from_records(images, [], class_names)
-            )
-        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        coco_eval = COCOeval(coco_gt, _load_results(coco_gt, images, detections, class_names), iou_type)
         with contextlib.redirect_stdout(io.StringIO()):  # keep the summary, drop pycocotools' progress chatter
             coco_eval.evaluate()
             coco_eval.accumulate()
@@ -454,20 +459,12 @@ def evaluate_proposals(model, data_loader, device, max_dets=(100, 300, 1000), am
             ]
             per_image[target["image_id"]] = (*_ground_truth(target, *image.shape[-2:]), results)
 
-    merged = {}
-    for part in utils.all_gather(per_image):  # rank order; a padded duplicate keeps its first copy
-        for image_id, record in part.items():
-            merged.setdefault(image_id, record)
-    images = [record[0] for record in merged.values()]
-    annotations = [ann for record in merged.values() for ann in record[1]]
-    proposals = [result for record in merged.values() for result in record[2]]
+    images, annotations, proposals = _gather(per_image)
     # the categories only have to exist: with useCats = 0 every proposal is matched against every box
     num_labels = max([ann["category_id"] for ann in annotations], default=1)
     class_names = [str(k) for k in range(1, num_labels + 1)]
     coco_gt = coco_from_records(images, annotations, class_names)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(proposals) if proposals else coco_from_records(images, [], class_names)
-    coco_eval = COCOeval(coco_gt, coco_dt, "bbox")
+    coco_eval = COCOeval(coco_gt, _load_results(coco_gt, images, proposals, class_names), "bbox")
     coco_eval.params.useCats = 0
     coco_eval.params.maxDets = list(max_dets)
     with contextlib.redirect_stdout(io.StringIO()):

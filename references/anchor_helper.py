@@ -18,7 +18,6 @@ level; FPN models of R-CNN (resnet50_fpn) take one size per level. Sizes and rat
 1 - IoU along each axis, and compared with scalings of the current grid. No random draws: every run prints the same.
 """
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -28,6 +27,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import masks_to_boxes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
+import common  # noqa: E402
+
 import datasets  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
@@ -50,13 +51,7 @@ def float_list(text):
 
 
 def get_args_parser():
-    # conflict_handler="resolve": flags defined here win over train.py's of the same name
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[train.get_args_parser(add_help=False)],
-        conflict_handler="resolve",
-    )
+    parser = common.parser_with_train_flags(__doc__)
     # fmt: off
     anchors = parser.add_argument_group("anchors")
     anchors.add_argument("--anchor-sizes", default=None, type=int_list,

@@ -37,6 +37,8 @@ import torch
 import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
+import common  # noqa: E402
+
 import engine  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
@@ -50,12 +52,7 @@ CONFIGS = {
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[train.get_args_parser(add_help=False)],
-        conflict_handler="resolve",
-    )
+    parser = common.parser_with_train_flags(__doc__)
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--configs", default="plain,default", help="configurations to compare (default plain,default)")
     bench.add_argument("--iters", default=10, type=int, help="timed training steps (default 10)")

@@ -9,7 +9,6 @@ Takes every train.py flag, so the dataset is built exactly as train.py builds it
 class name (and its mask) in red. A box off its object, a wrong name or a missing mask shows at a glance.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from torchvision.transforms.v2.functional import to_dtype, to_pil_image
 from torchvision.utils import draw_segmentation_masks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
+import common  # noqa: E402
+
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -26,13 +27,8 @@ NO_PREDICTION = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torc
 
 
 def get_args_parser():
-    # conflict_handler="resolve": our --out (a folder of drawings) replaces train.py's (a detections file)
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[train.get_args_parser(add_help=False)],
-        conflict_handler="resolve",
-    )
+    # our --out (a folder of drawings) replaces train.py's (a detections file)
+    parser = common.parser_with_train_flags(__doc__)
     browse = parser.add_argument_group("browse")
     browse.add_argument("--out", required=True, help="folder for the drawings, <image_id>.png")
     browse.add_argument("--num-images", default=20, type=int, help="draw the first N images (default 20)")

@@ -22,7 +22,6 @@ dropped. Labels, duplicates and paths need a human: they are counted, not change
     custom  OUT/<each annotation file's name>.json (a .pkl input is written as .json)
 """
 
-import argparse
 import json
 import os
 import sys
@@ -36,9 +35,9 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
+import common  # noqa: E402
 from convert_dataset import _coordinate, parallel_map  # noqa: E402  (this script's folder)
 
-import train  # noqa: E402
 from datasets.coco import REQUIRED_FIELDS, load_json  # noqa: E402
 from datasets.custom import _boxes_and_labels, load_middle_format  # noqa: E402
 from datasets.voc import BOX_TAGS, VOC_CLASSES, list_annotation_ids, parse_annotation, read_classes  # noqa: E402
@@ -66,13 +65,8 @@ MISSING = "file not found"
 
 
 def get_args_parser():
-    # conflict_handler="resolve": our -j/--workers (processes decoding images) replaces train.py's (data loaders)
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[train.get_args_parser(add_help=False)],
-        conflict_handler="resolve",
-    )
+    # our -j/--workers (processes decoding images) replaces train.py's (data loaders)
+    parser = common.parser_with_train_flags(__doc__)
     check = parser.add_argument_group("check")
     check.add_argument("--fix", default=None, type=str, help="write cleaned annotations into this folder (default off)")
     check.add_argument(
