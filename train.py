@@ -237,9 +237,7 @@ def build_model(args, num_classes, weights, device):
             trainable_backbone_layers=args.trainable_backbone_layers,
             **get_model_options(args),
         )
-    except (
-        ValueError
-    ) as e:  # parts that do not fit together: anchors for another number of maps, --neck on a named model
+    except ValueError as e:  # parts that do not fit: anchors for another number of maps, --neck on a named model
         raise utils.SetupError(str(e)) from e
     model.to(device)
     fast_roi_align = args.fast_roi_align and device.type == "cpu"  # on CUDA torchvision's kernel is the fast one
