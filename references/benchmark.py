@@ -6,12 +6,13 @@
     python references/benchmark.py --data-path ../shared/data/PennFudanPed --weights none \\
         --model fasterrcnn_mobilenet_v3_large_fpn --accuracy-epochs 6     # same training, AP of each configuration
 
-Configurations (--configs, in this order, alternating when --repeats > 1):
+Configurations (--configs, in this order, alternating when --repeats > 1; each compared with the first):
     plain    fp32, contiguous (NCHW) layout, frozen BatchNorm as separate layers, torchvision's RoIAlign, evaluation
              pinned to one thread: what torchvision's reference scripts do
     default  train.py's defaults: bf16 autocast where the CPU has native bf16 (fp16 on CUDA), channels_last, frozen
              BatchNorm folded into the convolutions, evaluation on every thread
     compile  default + --compile (torch.compile of the backbone; its first steps compile, which the warm-up absorbs)
+    eval-batch-2  default + --eval-batch-size 2 (two images per evaluation batch)
 Each measurement runs in a fresh process (peak memory is that process's), started one after the other so the
 configurations see the same machine: timings on a shared machine swing 2-3x, so compare within one run only.
 
@@ -48,6 +49,7 @@ CONFIGS = {
     "plain": (["--no-amp", "--no-channels-last", "--no-fold-bn", "--no-fast-roi-align"], 1),
     "default": ([], None),
     "compile": (["--compile"], None),
+    "eval-batch-2": (["--eval-batch-size", "2"], None),
 }
 
 
@@ -234,12 +236,10 @@ def main(args, argv):
     print(f"| config | {' | '.join(keys)} |\n|---|{'---|' * len(keys)}")
     for config in configs:
         print(f"| {config} | " + " | ".join(f"{summary[config][k]:.3g}" for k in keys) + " |")
-    if "plain" in summary and len(configs) > 1:
-        for config in configs[1:]:
-            ratios = ", ".join(
-                f"{k} x{summary[config][k] / summary['plain'][k]:.2f}" for k in keys if summary["plain"][k]
-            )
-            print(f"{config} / plain: {ratios}")
+    base = configs[0]  # the others are compared with the first
+    for config in configs[1:]:
+        ratios = ", ".join(f"{k} x{summary[config][k] / summary[base][k]:.2f}" for k in keys if summary[base][k])
+        print(f"{config} / {base}: {ratios}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"command": " ".join([sys.executable, *sys.argv]), "runs": results, "median": summary}, f, indent=2)
