@@ -519,7 +519,8 @@ def run_evaluation(args, model, model_without_ddp, val_loader, device, eval_opti
         metrics["tta"] = {k: v for k, v in tta_metrics.items() if k != "detections"}
         for iou_type in ("bbox", "segm", "keypoints"):
             if iou_type in metrics:
-                before, after = metrics[iou_type]["AP"] * 100, metrics["tta"][iou_type]["AP"] * 100
+                # the difference of the printed numbers, so that the line adds up
+                before, after = (round(m[iou_type]["AP"] * 100, 1) for m in (metrics, metrics["tta"]))
                 print(f"{iou_type} AP without TTA {before:.1f}, with TTA {after:.1f} ({after - before:+.1f})")
     return metrics
 
