@@ -395,7 +395,10 @@ def _run(args, distributed, rank, world_size, device, stop):
                 scaler.load_state_dict(checkpoint["scaler"])
         best_ap, first_step, rng = checkpoint.get("best_ap", -1.0), checkpoint.get("step") or 0, checkpoint.get("rng")
         start_epoch = checkpoint["epoch"] + (0 if first_step else 1)  # a stopped epoch continues at its next step
-        print(f"Resumed from {resume}: continuing at epoch {start_epoch}, step {first_step}")
+        if args.test_only:
+            print(f"Testing {resume} (epoch {checkpoint['epoch']}{f', step {first_step}' if first_step else ''})")
+        else:
+            print(f"Resumed from {resume}: continuing at epoch {start_epoch}, step {first_step}")
         if args.load_from:
             print(f"Note: --resume auto found a checkpoint, so --load-from {args.load_from} is not used")
         planned = checkpoint.get("args", {}).get("epochs", args.epochs)

@@ -56,6 +56,7 @@ def test_train_then_test_only(pennfudan_dir, tmp_path, capsys):
         *TINY,
     )
     printed = capsys.readouterr().out
+    assert f"Testing {out / 'checkpoint.pth'} (epoch 0)" in printed and "Resumed" not in printed
     assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
     assert len(json.loads(results.read_text())) == len(metrics["detections"])
@@ -144,6 +145,7 @@ def test_real_pennfudan_mask_rcnn(real_pennfudan, tmp_path, capsys):
         2,
     )
     printed = capsys.readouterr().out
+    assert f"Testing {out / 'checkpoint.pth'} (epoch 0)" in printed and "Resumed" not in printed
     assert "IoU metric: bbox" in printed and "IoU metric: segm" in printed
 
 
