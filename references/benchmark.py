@@ -9,8 +9,9 @@
 Configurations (--configs, in this order, alternating when --repeats > 1; each compared with the first):
     plain    fp32, contiguous (NCHW) layout, frozen BatchNorm as separate layers, torchvision's RoIAlign, evaluation
              pinned to one thread: what torchvision's reference scripts do
-    default  train.py's defaults: bf16 autocast where the CPU has native bf16 (fp16 on CUDA), channels_last, frozen
-             BatchNorm folded into the convolutions, evaluation on every thread
+    default  train.py's defaults: fp32 on CPU (fp16 autocast on CUDA), channels_last, frozen BatchNorm folded into
+             the convolutions, the multi-threaded RoIAlign, evaluation on every thread
+    amp      default + --amp: bf16 autocast on CPU (fast where the CPU has native bf16)
     compile  default + --compile (torch.compile of the backbone; its first steps compile, which the warm-up absorbs)
     eval-batch-2  default + --eval-batch-size 2 (two images per evaluation batch)
 Each measurement runs in a fresh process (peak memory is that process's), started one after the other so the
@@ -48,6 +49,7 @@ import utils  # noqa: E402
 CONFIGS = {
     "plain": (["--no-amp", "--no-channels-last", "--no-fold-bn", "--no-fast-roi-align"], 1),
     "default": ([], None),
+    "amp": (["--amp"], None),
     "compile": (["--compile"], None),
     "eval-batch-2": (["--eval-batch-size", "2"], None),
 }
@@ -56,7 +58,7 @@ CONFIGS = {
 def get_args_parser():
     parser = common.parser_with_train_flags(__doc__)
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--configs", default="plain,default", help="configurations to compare (default plain,default)")
+    bench.add_argument("--configs", default="plain,default,amp", help="configurations to compare (default all three)")
     bench.add_argument("--iters", default=10, type=int, help="timed training steps (default 10)")
     bench.add_argument("--warmup", default=3, type=int, help="untimed training steps before them (default 3)")
     bench.add_argument("--eval-images", default=20, type=int, help="validation images evaluated (default 20)")

@@ -1,5 +1,6 @@
 """The fast path (models.fast_path, bf16 autocast) computes what the plain model computes."""
 
+import argparse
 import copy
 
 import pytest
@@ -8,6 +9,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 import models
+import train
 import utils
 
 
@@ -160,3 +162,14 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
             builtins, "open", lambda p, *a, info=cpuinfo, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
         )
         assert utils.cpu_has_native_bf16() is expected
+
+
+def test_bf16_is_opt_in_on_cpu_and_suggested_where_it_is_native(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda native=native: native)
+        assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype=None), cpu) is None
+        assert ("--amp trains" in capsys.readouterr().out) is native
+    assert train.get_amp_dtype(argparse.Namespace(amp=True, amp_dtype=None), cpu) is torch.bfloat16
+    assert train.get_amp_dtype(argparse.Namespace(amp=False, amp_dtype=None), torch.device("cuda")) is None
+    assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype=None), torch.device("cuda")) is torch.float16
