@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pycocotools.mask as mask_util
 import torch
 from conftest import REPO, make_pennfudan
 
@@ -12,6 +13,7 @@ import models
 
 sys.path.insert(0, str(REPO / "references"))
 import benchmark  # noqa: E402
+import benchmark_masks  # noqa: E402
 
 NAME = "fasterrcnn_mobilenet_v3_large_320_fpn"
 TINY = ["--model", NAME, "--min-size", "64", "--max-size", "96", "-j", "0", "--val-size", "2", "--print-freq", "100"]
@@ -68,3 +70,18 @@ def test_accuracy_mode_trains_each_configuration_with_its_flags(tmp_path):
         flags = json.loads((tmp_path / "acc" / f"accuracy_{config}" / "args.json").read_text())
         assert flags["epochs"] == 1 and flags["amp"] is amp
         assert flags["channels_last"] is fast and flags["fold_bn"] is fast and flags["fast_roi_align"] is fast
+
+
+def test_mask_benchmark_compares_equal_rles_of_real_masks():
+    masks, boxes = benchmark_masks.fake_detections(12, 120, 160)
+    before, _ = benchmark_masks.before(masks, boxes, (120, 160))
+    after, _ = benchmark_masks.after(masks, boxes, (120, 160))
+    assert before == after and len(after) == 12
+    assert all(mask_util.area(rle) > 20 for rle in after)  # blobs, not empty masks that would trivially match
+    done = subprocess.run(
+        [sys.executable, REPO / "references" / "benchmark_masks.py", "--detections", "3", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| before |" in done.stdout and "| after |" in done.stdout and "faster" in done.stdout
