@@ -101,6 +101,7 @@ def stand_in_weights(model_name, folder):
     frozen layers, as with trained weights (with the initial mean 0 / variance 1 they grow without bound, and a
     step then costs what NaN and huge proposal sets cost, not what fine-tuning costs).
     """
+    torch.manual_seed(0)  # the same stand-in on every run
     model = torchvision.models.get_model(model_name, weights=None, weights_backbone=None, num_classes=91)
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
@@ -142,7 +143,7 @@ def measure(args):
     if device.type == "cuda":
         torch.cuda.synchronize()
     tic = time.perf_counter()
-    skipped = steps(args.iters)["nonfinite_skipped"]
+    stats = steps(args.iters)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - tic
@@ -165,7 +166,8 @@ def measure(args):
         "eval_img_s": len(val_set) / eval_seconds,
         "peak_mb": peak,
         "bbox_AP": metrics.get("bbox", {}).get("AP"),
-        "nan_steps": skipped,
+        "nan_steps": stats["nonfinite_skipped"],
+        "timed_steps": stats["steps"],  # in the JSON, not the table
     }
 
 
@@ -212,7 +214,8 @@ def main(args, argv):
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise utils.SetupError(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    passed = own_argv(argv)
+    passed = own_argv(argv)  # for train.py; a measuring worker also needs how much to measure
+    measured = ["--iters", str(args.iters), "--warmup", str(args.warmup), "--eval-images", str(args.eval_images)]
     with tempfile.TemporaryDirectory() as folder:
         if args.weights == "stand-in":  # argparse keeps the last --weights
             passed = [*passed, "--weights", stand_in_weights(args.model, folder)]
@@ -223,7 +226,7 @@ def main(args, argv):
                 if args.accuracy_epochs:
                     results[config].append(train_for_accuracy(passed, config, args))
                 else:
-                    results[config].append(run_worker([*passed, *CONFIGS[config][0]], config))
+                    results[config].append(run_worker([*passed, *measured, *CONFIGS[config][0]], config))
     # per configuration: the median over repeats of each number
     summary = {
         c: {k: statistics.median(r[k] for r in runs if r[k] is not None) for k in runs[0]}
@@ -234,7 +237,7 @@ def main(args, argv):
         f"\n{args.model} on {args.dataset}, batch {args.batch_size}, device {args.device}, "
         f"{torch.get_num_threads()} threads, median of {len(next(iter(results.values())))} runs"
     )
-    keys = list(summary[configs[0]])
+    keys = [k for k in summary[configs[0]] if k != "timed_steps"]
     print(f"| config | {' | '.join(keys)} |\n|---|{'---|' * len(keys)}")
     for config in configs:
         print(f"| {config} | " + " | ".join(f"{summary[config][k]:.3g}" for k in keys) + " |")

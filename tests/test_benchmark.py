@@ -51,7 +51,7 @@ def test_speed_mode_measures_each_configuration_in_a_child_process(tmp_path):
     for config, runs in result["runs"].items():
         (run,) = runs
         assert run["train_img_s"] > 0 and run["eval_img_s"] > 0 and run["peak_mb"] > 100, (config, run)
-        assert run["nan_steps"] == 0
+        assert run["nan_steps"] == 0 and run["timed_steps"] == 2  # the worker measured the --iters asked for
     assert result["median"]["plain"] == result["runs"]["plain"][0]
 
 
