@@ -250,7 +250,7 @@ def build_model(args, num_classes, weights, device):
 def get_amp_dtype(args, device):
     """The autocast dtype of --amp / --amp-dtype, or None for fp32."""
     amp = args.amp
-    if amp is None:  # on for CUDA; off on CPU, where bf16 cost ~2 AP in README's short from-scratch runs
+    if amp is None:  # on for CUDA; off on CPU, where bf16 cost ~1.5 AP in README's short from-scratch runs
         amp = device.type == "cuda"
         if device.type == "cpu" and utils.cpu_has_native_bf16():
             print("This CPU computes bf16 natively: --amp trains up to ~3x faster, at some cost in AP (README, Speed)")
