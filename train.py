@@ -116,7 +116,7 @@ def get_args_parser(add_help=True):
     optim.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
                        help="mixed precision (default on for CUDA; on CPU faster but it cost AP: README, Speed)")
     optim.add_argument("--amp-dtype", default=None, choices=("bf16", "fp16"),
-                       help="autocast dtype (default bf16 on CPU, fp16 with loss scaling on CUDA)")
+                       help="autocast dtype, turns --amp on (default bf16 on CPU, fp16 with loss scaling on CUDA)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -251,8 +251,8 @@ def get_amp_dtype(args, device):
     """The autocast dtype of --amp / --amp-dtype, or None for fp32."""
     amp = args.amp
     if amp is None:  # on for CUDA; off on CPU, where bf16 cost ~1.5 AP in README's short from-scratch runs
-        amp = device.type == "cuda"
-        if device.type == "cpu" and utils.cpu_has_native_bf16():
+        amp = device.type == "cuda" or args.amp_dtype is not None  # --amp-dtype alone asks for it too
+        if not amp and device.type == "cpu" and utils.cpu_has_native_bf16():
             print("This CPU computes bf16 natively: --amp trains up to ~3x faster, at some cost in AP (README, Speed)")
     if not amp:
         return None

@@ -171,5 +171,6 @@ def test_bf16_is_opt_in_on_cpu_and_suggested_where_it_is_native(monkeypatch, cap
         assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype=None), cpu) is None
         assert ("--amp trains" in capsys.readouterr().out) is native
     assert train.get_amp_dtype(argparse.Namespace(amp=True, amp_dtype=None), cpu) is torch.bfloat16
+    assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype="bf16"), cpu) is torch.bfloat16
     assert train.get_amp_dtype(argparse.Namespace(amp=False, amp_dtype=None), torch.device("cuda")) is None
     assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype=None), torch.device("cuda")) is torch.float16
