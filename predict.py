@@ -30,7 +30,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil
 import models
 import transforms
 import utils
-from datasets.pennfudan import read_image
+from datasets.images import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # what a folder given on the command line is scanned for
 

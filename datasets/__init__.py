@@ -24,8 +24,9 @@ from utils import SetupError
 
 from .coco import CocoDetection
 from .custom import CustomDataset
+from .images import cache_images  # noqa: F401 - datasets.cache_images
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
-from .pennfudan import PennFudanDataset, cache_images  # noqa: F401 - datasets.cache_images
+from .pennfudan import PennFudanDataset
 from .voc import VOC_CLASSES, VOCDetection, list_annotation_ids, read_classes
 
 
@@ -50,6 +51,12 @@ class SkipBadImages(torch.utils.data.Dataset):
         if name.startswith("__"):  # not __getitems__: the DataLoader would fetch batches around this wrapper
             raise AttributeError(name)
         return getattr(self.__dict__["dataset"], name)
+
+    def get_height_and_width(self, idx):
+        try:
+            return self.dataset.get_height_and_width(idx)
+        except SetupError:  # any size will do for batching: reading the sample skips it
+            return 1, 1
 
     def __getitem__(self, idx):
         try:

@@ -23,7 +23,7 @@ from torchvision.ops import clip_boxes_to_image
 
 from utils import SetupError
 
-from .pennfudan import read_image
+from .images import read_image
 
 REQUIRED_FIELDS = {
     "images": ("id", "file_name", "width", "height"),

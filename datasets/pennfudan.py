@@ -10,12 +10,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from utils import SetupError
+
+from .images import image_size, read_image
 
 URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 # The release publishes no checksum for its zip, so we check what matters: a SHA-256 over the names and bytes of
@@ -55,43 +55,6 @@ def download_pennfudan(root):
         )
 
 
-# Decoded images by (path, mode) once cache_images() is called: a small dataset is decoded once, not every epoch.
-_decoded = None
-
-
-def cache_images(*datasets):
-    """Decode every image of `datasets` now and keep them in memory (--cache-images); returns the MB used.
-
-    Run it in the main process before the DataLoader starts its workers: forked workers share these tensors' memory.
-    """
-    global _decoded
-    _decoded = {} if _decoded is None else _decoded
-    for dataset in datasets:
-        for i in range(len(dataset)):
-            dataset[i]  # noqa: B018 - reading a sample fills the cache
-    return sum(t.numel() for t in _decoded.values()) / 2**20
-
-
-def read_image(path, mode=None):
-    """Decode an image file to a uint8 [C, H, W] tensor (PIL: torchvision.io's decoders are deprecated in 0.29).
-
-    A missing, truncated or corrupt file raises SetupError naming it, not PIL's message without a file name.
-    """
-    if _decoded is not None and (str(path), mode) in _decoded:
-        return _decoded[str(path), mode].clone()  # a copy: transforms may work in place
-    try:
-        with Image.open(path) as im:
-            image = pil_to_tensor(im.convert(mode) if mode else im)
-        if _decoded is not None:
-            _decoded[str(path), mode] = image.clone()
-        return image
-    except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for unreadable, truncated and corrupt files
-        raise SetupError(
-            f"cannot read image {path}: {e}.\n  Replace or remove it (references/check_dataset.py lists every such "
-            f"file), or pass --skip-bad-images to skip such samples"
-        ) from None
-
-
 class PennFudanDataset(torch.utils.data.Dataset):
     """Items are (image, target) following the contract in datasets/__init__.py; every object is class 1, person.
 
@@ -119,9 +82,7 @@ class PennFudanDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def get_height_and_width(self, idx):
-        with Image.open(self.images[idx]) as im:  # reads the PNG header only, no decoding
-            width, height = im.size
-        return height, width
+        return image_size(self.images[idx])  # from the header, no decoding
 
     def __getitem__(self, idx):
         image = read_image(self.images[idx], "RGB")  # uint8 [3, H, W]

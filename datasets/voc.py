@@ -13,17 +13,19 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from utils import SetupError
 
 from .coco import BoxChecker, BoxRecords
+from .images import image_size
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
+# tried after the xml's <filename>: labelImg, CVAT and Roboflow write VOC folders of .jpg, .JPG, .jpeg and .png files
+IMAGE_EXTENSIONS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
 
 
 def read_classes(spec):
@@ -57,20 +59,41 @@ def _number(node, tag, xml_path, default=None):
         raise SetupError(f"{xml_path}: <{tag}> is {text!r}, expected a number") from None
 
 
-def parse_annotation(xml_path):
-    """One VOC xml -> (width, height, objects), as written in the file.
-
-    width and height are 0 when <size> is absent (some tools also write 0 there); objects is a list of
-    (name, [xmin, ymin, xmax, ymax], difficult) in VOC's 1-based coordinates, difficult 0 when the tag is missing
-    or empty.
-    """
+def read_xml(xml_path):
+    """The parsed root element of a VOC xml; a missing or broken file raises SetupError naming it."""
     try:
-        root = ET.parse(xml_path).getroot()
+        return ET.parse(xml_path).getroot()
     except FileNotFoundError:
         raise SetupError(f"annotation {xml_path} not found, but the split lists it; fix the split file") from None
     except ET.ParseError as e:
         line, column = e.position
         raise SetupError(f"{xml_path}: invalid XML at line {line}, column {column} ({e}); fix or re-export it") from e
+
+
+def find_image(root, image_id, xml_path, xml=None):
+    """The image an xml annotates: JPEGImages/<its <filename>>, else JPEGImages/<id> with a common extension."""
+    xml = read_xml(xml_path) if xml is None else xml
+    filename = (xml.findtext("filename") or "").strip()
+    folder = Path(root) / "JPEGImages"
+    tried = [folder / Path(filename).name] if filename else []  # .name: the folder is ours, whatever the xml says
+    tried += [folder / f"{image_id}{ext}" for ext in IMAGE_EXTENSIONS]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise SetupError(
+        f"image not found for {xml_path}; tried {', '.join(str(p) for p in tried)}. Restore the image, or fix "
+        f"<filename> in the xml"
+    )
+
+
+def parse_annotation(xml_path, xml=None):
+    """One VOC xml (or its parsed root `xml`) -> (width, height, objects), as written in the file.
+
+    width and height are 0 when <size> is absent (some tools also write 0 there); objects is a list of
+    (name, [xmin, ymin, xmax, ymax], difficult) in VOC's 1-based coordinates, difficult 0 when the tag is missing
+    or empty.
+    """
+    root = read_xml(xml_path) if xml is None else xml
     width, height = int(_number(root, "size/width", xml_path, 0)), int(_number(root, "size/height", xml_path, 0))
     objects = []
     for i, obj in enumerate(root.findall("object")):
@@ -112,18 +135,18 @@ class VOCDetection(BoxRecords):
 
         label_of = {name: k for k, name in enumerate(self.classes, start=1)}
         unknown = {}  # class name not in classes -> first xml that uses it
+        found = set()  # every class name the annotations use
         checker = BoxChecker(self.root / "Annotations", strict)
         self.items = []  # per image: path, size, and its kept boxes, labels and iscrowd
         for image_id in self.ids:
             xml_path = self.root / "Annotations" / f"{image_id}.xml"
-            image_path = self.root / "JPEGImages" / f"{image_id}.jpg"
-            width, height, objects = parse_annotation(xml_path)
-            if not image_path.is_file():
-                raise SetupError(f"image {image_path} not found, but {xml_path} annotates it; restore the image")
+            xml = read_xml(xml_path)
+            image_path = find_image(self.root, image_id, xml_path, xml)
+            width, height, objects = parse_annotation(xml_path, xml)
             if not width or not height:
-                with Image.open(image_path) as im:  # reads the header only
-                    width, height = im.size
+                height, width = image_size(image_path)  # from the header, upright
             for name, _, _ in objects:
+                found.add(name)
                 if name not in label_of:
                     unknown.setdefault(name, xml_path)
             raw = torch.tensor([box for _, box, _ in objects], dtype=torch.float32).reshape(-1, 4)
@@ -145,7 +168,9 @@ class VOCDetection(BoxRecords):
             )
         if unknown:
             name, xml_path = next(iter(unknown.items()))
-            everything = sorted(set(self.classes) | set(unknown))
+            # without --classes (the 20 VOC names) suggest what the files use; else the given names, then the new ones
+            default = self.classes == list(VOC_CLASSES)
+            everything = sorted(found) if default else self.classes + sorted(unknown)
             raise SetupError(
                 f"{xml_path}: class {name!r} is not one of the classes ({', '.join(self.classes)}); the annotations "
                 f"use {len(unknown)} unknown names: {', '.join(sorted(unknown))}.\n"

@@ -33,7 +33,7 @@ import datasets  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from datasets.pennfudan import read_image  # noqa: E402
+from datasets.images import read_image  # noqa: E402
 
 COCO_RANGES = {"small (<32^2)": (0, 32**2), "medium (<96^2)": (32**2, 96**2), "large": (96**2, math.inf)}  # px^2
 # Factors on the current sizes, tried as grids: torchvision's sizes double from one to the next, so factors within

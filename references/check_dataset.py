@@ -40,7 +40,16 @@ from convert_dataset import _coordinate, parallel_map  # noqa: E402  (this scrip
 
 from datasets.coco import REQUIRED_FIELDS, load_json  # noqa: E402
 from datasets.custom import _boxes_and_labels, load_middle_format  # noqa: E402
-from datasets.voc import BOX_TAGS, VOC_CLASSES, list_annotation_ids, parse_annotation, read_classes  # noqa: E402
+from datasets.images import EXIF_ORIENTATION, SWAPS_SIDES  # noqa: E402
+from datasets.voc import (  # noqa: E402
+    BOX_TAGS,
+    VOC_CLASSES,
+    find_image,
+    list_annotation_ids,
+    parse_annotation,
+    read_classes,
+    read_xml,
+)
 from utils import SetupError, cli  # noqa: E402
 
 # kind -> (severity, name, why it matters, what --fix does or None); the report follows this order
@@ -131,7 +140,9 @@ def read_voc(root, classes, splits, problems):
         problems["dup_id"] += [f"{i} is in both {train_name} and {val_name}" for i in both]
     records = []
     for image_id in ids:
-        width, height, parsed = parse_annotation(root / "Annotations" / f"{image_id}.xml")
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        xml = read_xml(xml_path)
+        width, height, parsed = parse_annotation(xml_path, xml)
         objects = []
         for name, (x1, y1, x2, y2), difficult in parsed:
             # VOC is 1-based and includes both ends: pixel edges are x1 = xmin - 1, x2 = xmax (datasets/voc.py);
@@ -139,7 +150,10 @@ def read_voc(root, classes, splits, problems):
             box, valid = [x1 - 1, y1 - 1, x2, y2], x2 > x1 and y2 > y1
             objects.append(obj(name if name in classes else None, name, box, valid, difficult, (x1, y1, x2, y2)))
         size = (width, height) if width and height else None  # no <size>: VOCDetection reads the image's
-        image = root / "JPEGImages" / f"{image_id}.jpg"
+        try:
+            image = find_image(root, image_id, xml_path, xml)
+        except SetupError:
+            image = root / "JPEGImages" / f"{image_id}.jpg"  # reported missing below
         records.append({"name": f"{image_id}.xml", "image": image, "size": size, "objects": objects, "raw": image_id})
     return records
 
@@ -244,7 +258,9 @@ def inspect_image(task):
     path, is_mask = task
     try:
         with Image.open(path) as im:
-            size = im.size  # from the header, what the annotations must agree with
+            size = im.size  # from the header, what the annotations must agree with, upright as tools show it
+            if im.getexif().get(EXIF_ORIENTATION) in SWAPS_SIDES:
+                size = size[::-1]
             im.load()  # decode every pixel: a truncated file opens fine and fails only here
             ids = np.asarray(im.getchannel(0)) if is_mask else None  # Penn-Fudan: 0 background, k = instance k
     except FileNotFoundError:

@@ -38,13 +38,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the core is one folder up
 
 from datasets.coco import BoxChecker, CocoDetection, _read_coco  # noqa: E402
 from datasets.custom import CustomDataset, _boxes_and_labels, load_middle_format  # noqa: E402
-from datasets.voc import BOX_TAGS, VOCDetection, list_annotation_ids, parse_annotation, read_classes  # noqa: E402
+from datasets.images import image_size  # noqa: E402
+from datasets.voc import (  # noqa: E402
+    BOX_TAGS,
+    VOCDetection,
+    find_image,
+    list_annotation_ids,
+    parse_annotation,
+    read_classes,
+    read_xml,
+)
 from utils import SetupError, cli  # noqa: E402
 
 FORMATS = ("voc", "coco", "custom")
@@ -152,13 +160,11 @@ def _coordinate(value):
 def _read_voc_xml(task):
     """Worker: (xml path, image path) -> parse_annotation's (width, height, objects), the size from the image
     header when the xml has none."""
-    xml_path, image_path = task
-    width, height, objects = parse_annotation(xml_path)
+    xml_path, root, image_id = task
+    xml = read_xml(xml_path)
+    width, height, objects = parse_annotation(xml_path, xml)
     if not width or not height:
-        if not image_path.is_file():
-            raise SetupError(f"{xml_path} has no <size> and its image {image_path} is missing; restore one of them")
-        with Image.open(image_path) as im:  # reads the header only
-            width, height = im.size
+        height, width = image_size(find_image(root, image_id, xml_path, xml))  # the header's, upright
     return width, height, objects
 
 
@@ -174,7 +180,7 @@ def read_voc(root, split, classes, workers):
         ids = list_annotation_ids(root)
     if not ids:
         raise SetupError(f"no annotations found in {root / 'Annotations'} (split {split or 'all'})")
-    tasks = [(root / "Annotations" / f"{i}.xml", root / "JPEGImages" / f"{i}.jpg") for i in ids]
+    tasks = [(root / "Annotations" / f"{i}.xml", root, i) for i in ids]
     parsed = parallel_map(_read_voc_xml, tasks, workers, "xml files read")
 
     found = sorted({name for _, _, objects in parsed for name, _, _ in objects})
