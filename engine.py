@@ -22,6 +22,15 @@ from torchvision.ops import box_iou
 import utils
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# COCOeval's 10 keypoint stats: no small objects (keypoints are not labelled on them), one maxDets (20)
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
+def stat_names(iou_type):
+    """The names of COCOeval.stats, in order, for bbox / segm (12) or keypoints (10)."""
+    return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+
+
 PASTE = "torchvision.models.detection.transform.paste_masks_in_image"  # where the models' postprocess finds it
 PER_INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area", "iscrowd")
 
@@ -393,7 +402,7 @@ def evaluate(
             coco_eval.accumulate()
         print(f"IoU metric: {iou_type}")
         coco_eval.summarize()
-        results[iou_type] = dict(zip(STAT_NAMES, (float(s) for s in coco_eval.stats)))
+        results[iou_type] = dict(zip(stat_names(iou_type), (float(s) for s in coco_eval.stats), strict=True))
         results[f"{iou_type}_per_class"] = per_class_ap(coco_eval, class_names)
         print(format_per_class(results[f"{iou_type}_per_class"], iou_type))
     if voc_metric:

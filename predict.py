@@ -28,7 +28,6 @@ from torchvision.ops import box_convert
 from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil_image
 
 import models
-import transforms
 import utils
 from datasets.images import read_image
 
@@ -68,8 +67,6 @@ def load_model(checkpoint, device="cpu"):
         # as train.py built it: input size, and the parts and anchors of a composed model
         built = ("min_size", "max_size", "backbone", "neck", "anchor_sizes", "anchor_ratios")
         sizes = {k: args.get(k) for k in built if args.get(k) is not None}
-        if args.get("data_augmentation") == "multiscale":  # as train.py built it: evaluates at the largest size
-            sizes["min_size"] = transforms.MULTISCALE_MIN_SIZES
         model = models.get_model(args["model"], num_classes=len(class_names) + 1, weights=checkpoint, **sizes)
     model.class_names = class_names
     model.to(device)

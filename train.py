@@ -52,8 +52,9 @@ def get_args_parser(add_help=True):
                       help="stop on zero-size or outside boxes instead of dropping them (default off)")
     data.add_argument("--data-path", "--img-prefix", default=None,
                       help="dataset root; for pennfudan it defaults to data/PennFudanPed, downloaded when missing")
-    data.add_argument("--val-size", default=50, type=int,
-                      help="images held out for validation when the dataset has no official split (default 50)")
+    data.add_argument("--val-size", default=None, type=int,
+                      help="images held out for validation when the dataset has no official split "
+                           "(default 50 above 100 images, else 20%%)")
     data.add_argument("--split-seed", default=0, type=int, help="seed of that train/val split (default 0)")
     data.add_argument("--data-augmentation", default="hflip", choices=transforms.POLICIES,
                       help="training augmentation policy (default hflip, the tutorial's)")
@@ -174,8 +175,14 @@ def get_datasets(args):
     }.get(args.dataset, dict(**annotations, classes=args.classes))  # a dataset you add: annotation files, classes
     if args.dataset in ("coco", "voc", "custom"):  # (boxes made from Penn-Fudan's masks are never degenerate)
         options["strict"] = args.strict
-    if args.data_path is None and args.dataset != "pennfudan":
-        raise utils.SetupError(f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder)")
+    coco_files = (args.train_ann, args.val_ann, args.train_images, args.val_images)
+    if args.data_path is None and args.dataset != "pennfudan" and not (args.dataset == "coco" and all(coco_files)):
+        alternative = (
+            "; or all of --train-ann, --val-ann, --train-images, --val-images" if args.dataset == "coco" else ""
+        )
+        raise utils.SetupError(
+            f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder){alternative}"
+        )
     root = args.data_path or os.path.join("data", "PennFudanPed")
     train_set, val_set, class_names = datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
     if args.skip_bad_images:
@@ -221,8 +228,6 @@ def get_model_options(args):
     sizes.update(
         backbone=args.backbone, neck=args.neck, anchor_sizes=args.anchor_sizes, anchor_ratios=args.anchor_ratios
     )
-    if args.data_augmentation == "multiscale":  # one shorter side per training batch, the largest for evaluation
-        sizes["min_size"] = transforms.MULTISCALE_MIN_SIZES
     return {k: v for k, v in sizes.items() if v is not None}
 
 
@@ -239,6 +244,10 @@ def build_model(args, num_classes, weights, device):
         )
     except ValueError as e:  # parts that do not fit: anchors for another number of maps, --neck on a named model
         raise utils.SetupError(str(e)) from e
+    if args.data_augmentation == "multiscale":  # training rescales by 0.6-1.0 of the model's size
+        if not hasattr(model, "transform") or not hasattr(model.transform, "resize"):
+            raise utils.SetupError(f"--data-augmentation multiscale needs an R-CNN-style resize; {args.model} has none")
+        model.transform = transforms.MultiScaleResize(model.transform)
     model.to(device)
     fast_roi_align = args.fast_roi_align and device.type == "cpu"  # on CUDA torchvision's kernel is the fast one
     models.fast_path(model, channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=fast_roi_align)
@@ -534,7 +543,7 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
     """output-dir/report.md: the final metrics, per-class AP, curves, a few drawn validation images, timing, args."""
     out = args.output_dir
     lines = [f"# {args.model} on {args.dataset}", ""]
-    for iou_type in ("bbox", "segm"):
+    for iou_type in ("bbox", "segm", "keypoints"):
         if iou_type in metrics:
             lines += [f"## {iou_type} (COCO)", "", "| " + " | ".join(metrics[iou_type]) + " |"]
             lines += [
@@ -573,10 +582,23 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
 
 def load_checkpoint(path):
     """A checkpoint of this project: only tensors and plain data are unpickled, so a file cannot run code."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or an old-style pickle
+        raise utils.SetupError(f"--resume {path} is not a PyTorch file; pass a checkpoint.pth written by train.py")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise utils.SetupError(f"cannot load checkpoint {path}: {e}") from e
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = next((line.strip() for line in lines if "error" in line.lower()), lines[0])  # weights_only's why
+        raise utils.SetupError(f"cannot load checkpoint {path}: {reason}") from e
+    if isinstance(checkpoint, dict) and {"model", "epoch"} <= checkpoint.keys():
+        return checkpoint
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        what = "holds a bare state dict (weights only)"
+    else:
+        what = f"holds a {type(checkpoint).__name__}, not a train.py checkpoint (model, optimizer, epoch, ...)"
+    raise utils.SetupError(f"--resume {path} {what}; to start from its weights pass --load-from {path}")
 
 
 def save_checkpoint(state, output_dir, name):

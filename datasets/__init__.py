@@ -16,13 +16,14 @@ A builder in DATASETS returns (train_dataset, val_dataset, class_names), class_n
 To train on your own data, write a Dataset class that returns the contract above and add a builder here.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from utils import SetupError
 
-from .coco import CocoDetection
+from .coco import CocoDetection, placeholder_categories
 from .custom import CustomDataset
 from .images import cache_images  # noqa: F401 - datasets.cache_images
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
@@ -77,11 +78,25 @@ def random_split(num_items, val_size, seed=0):
     return sorted(order[:-val_size]), sorted(order[-val_size:])
 
 
-def get_pennfudan(root, train_transforms, val_transforms, val_size=50, split_seed=0, download=True):
+def choose_val_size(num_items, val_size=None):
+    """--val-size, checked; by default 50 images (the tutorial's Penn-Fudan split) when there are more than 100,
+    else 20% of them (at least one), and the choice printed."""
+    if val_size is None:
+        val_size = 50 if num_items > 100 else max(1, round(0.2 * num_items))
+        print(f"Validation: holding out {val_size} of the {num_items} images (--val-size N to choose)")
+    if not 0 < val_size < num_items:
+        raise SetupError(
+            f"--val-size {val_size}: the dataset has {num_items} images to split, so hold out between 1 and "
+            f"{num_items - 1} (or give a validation set of its own)"
+        )
+    return val_size
+
+
+def get_pennfudan(root, train_transforms, val_transforms, val_size=None, split_seed=0, download=True):
     """Penn-Fudan with the tutorial's split: `val_size` random images (50) for validation, the rest for training."""
     train_full = PennFudanDataset(root, transforms=train_transforms, download=download)
     val_full = PennFudanDataset(root, transforms=val_transforms)
-    train_idx, val_idx = random_split(len(train_full), val_size, split_seed)
+    train_idx, val_idx = random_split(len(train_full), choose_val_size(len(train_full), val_size), split_seed)
     return Subset(train_full, train_idx), Subset(val_full, val_idx), list(PENNFUDAN_CLASSES)
 
 
@@ -101,7 +116,7 @@ def get_coco(
 
     strict (all builders but Penn-Fudan): refuse zero-size or outside boxes instead of dropping them with a warning.
     """
-    root = Path(root)
+    root = Path(root or ".")  # no root: --train-ann, --val-ann, --train-images and --val-images say it all
     train = CocoDetection(
         train_images or root / "train2017",
         train_ann or root / "annotations/instances_train2017.json",
@@ -117,8 +132,31 @@ def get_coco(
         masks=masks,
         strict=strict,
     )
-    if train.classes != val.classes:
+    if train.categories != val.categories:
         raise SetupError(f"train and val annotation files list different categories: {train.classes} vs {val.classes}")
+    objects = train.objects_per_category + val.objects_per_category
+    placeholders = placeholder_categories(train.categories, objects)
+    if placeholders:
+        dropped = [
+            f"{c['name']!r} (id {c['id']}, {placeholders[c['id']]})"
+            for c in train.categories
+            if c["id"] in placeholders
+        ]
+        print(f"Note: not a class, left out: {', '.join(dropped)}")
+        kept = [c["id"] for c in train.categories if c["id"] not in placeholders]
+        train.keep_categories(kept)
+        val.keep_categories(kept)
+    never = [
+        c["name"]
+        for c in train.categories
+        if c["id"] in train.category_id_to_label and not train.objects_per_category[c["id"]]
+    ]
+    if never:
+        warnings.warn(
+            f"{train.ann_file}: no training objects of {len(never)} categories, which the model can never learn: "
+            f"{', '.join(never)}. Annotate some, or remove them from the categories",
+            stacklevel=2,
+        )
     return train, val, train.classes
 
 
@@ -129,7 +167,7 @@ def get_voc(
     classes=None,
     train_split="train",
     val_split="val",
-    val_size=50,
+    val_size=None,
     split_seed=0,
     strict=False,
 ):
@@ -139,7 +177,7 @@ def get_voc(
         train_ids = val_ids = None
     else:
         ids = list_annotation_ids(root)
-        train_idx, val_idx = random_split(len(ids), val_size, split_seed)
+        train_idx, val_idx = random_split(len(ids), choose_val_size(len(ids), val_size), split_seed)
         train_ids, val_ids = [ids[i] for i in train_idx], [ids[i] for i in val_idx]
     train = VOCDetection(root, train_split, classes, train_transforms, split_ids=train_ids, strict=strict)
     val = VOCDetection(root, val_split, classes, val_transforms, split_ids=val_ids, strict=strict)
@@ -153,7 +191,7 @@ def get_custom(
     train_ann=None,
     val_ann=None,
     classes=None,
-    val_size=50,
+    val_size=None,
     split_seed=0,
     strict=False,
 ):
@@ -164,7 +202,7 @@ def get_custom(
     train = CustomDataset(train_ann, root, classes, train_transforms, strict)
     if val_ann:
         return train, CustomDataset(val_ann, root, classes, val_transforms, strict), classes
-    train_idx, val_idx = random_split(len(train), val_size, split_seed)
+    train_idx, val_idx = random_split(len(train), choose_val_size(len(train), val_size), split_seed)
     val = CustomDataset(train_ann, root, classes, val_transforms, strict)
     return Subset(train, train_idx), Subset(val, val_idx), classes
 

@@ -14,6 +14,7 @@ sorted ids become the contiguous labels 1..K the models need, and `label_to_cate
 
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pycocotools.mask as mask_util
@@ -167,6 +168,22 @@ def _read_coco(ann_file):
     return sorted(data["categories"], key=lambda c: c["id"]), images, anns_per_image
 
 
+BACKGROUND_NAMES = ("_background_", "background", "__background__")  # labelme's COCO export has _background_ as id 0
+
+
+def placeholder_categories(categories, objects_per_category):
+    """Categories that are not classes: one named background (labelme), or one without objects whose name is the
+    supercategory of others (Roboflow's exports list the dataset's name as category 0). Returns {id: reason}."""
+    supercategories = {c.get("supercategory") for c in categories if c.get("supercategory") != c["name"]}
+    found = {}
+    for c in categories:
+        if c["name"].lower() in BACKGROUND_NAMES:
+            found[c["id"]] = "a background placeholder"
+        elif not objects_per_category.get(c["id"]) and c["name"] in supercategories:
+            found[c["id"]] = "the supercategory of the others, with no objects"
+    return found
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """Items are (image, target) following the contract in datasets/__init__.py; image_id is the COCO image id.
 
@@ -181,10 +198,11 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.masks = masks
         categories, images, anns_per_image = _read_coco(self.ann_file)
-        self.classes = [c["name"] for c in categories]
-        self.label_to_category_id = {k: c["id"] for k, c in enumerate(categories, start=1)}
-        self.category_id_to_label = {cid: k for k, cid in self.label_to_category_id.items()}
+        self.categories = categories  # as in the file, sorted by id; keep_categories may leave placeholders out
+        self.keep_categories([c["id"] for c in categories])
         annotations = [ann for anns in anns_per_image.values() for ann in anns]
+        # objects (not crowd regions) per category id: what placeholder_categories and the no-objects warning read
+        self.objects_per_category = Counter(a["category_id"] for a in annotations if not a.get("iscrowd", 0))
         self._has_masks = any(ann.get("segmentation") for ann in annotations)
         if masks and not self.has_masks:
             raise SetupError(f"{self.ann_file} has no segmentation: use a box-only model, or masks=False")
@@ -212,6 +230,17 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"  The image folder must be the one file_name is relative to."
             )
         checker.warn()
+
+    def keep_categories(self, category_ids):
+        """Train on these categories only: labels 1..K follow their sorted ids; annotations of the others go."""
+        kept = [c for c in self.categories if c["id"] in set(category_ids)]
+        self.classes = [c["name"] for c in kept]
+        self.label_to_category_id = {k: c["id"] for k, c in enumerate(kept, start=1)}
+        self.category_id_to_label = {cid: k for k, cid in self.label_to_category_id.items()}
+        for record in getattr(self, "images", []):
+            keep = [a["category_id"] in self.category_id_to_label for a in record["anns"]]
+            record["anns"] = [a for a, k in zip(record["anns"], keep) if k]
+            record["boxes"] = record["boxes"][torch.tensor(keep, dtype=torch.bool)]
 
     @property
     def has_masks(self):

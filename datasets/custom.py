@@ -4,7 +4,7 @@
       "ann": {"bboxes": [[x1, y1, x2, y2], ...],   # (n, 4) XYXY pixels
               "labels": [0, ...],                  # (n,) 0-based class indices, as mmdetection numbers them
               "bboxes_ignore": [[...], ...],       # optional (k, 4): regions neither rewarded nor penalised
-              "labels_ignore": [...]}}, ...]       # (k,)
+              "labels_ignore": [...]}}, ...]       # optional (k,); without it a region ignores every class
 read from .json, or from a .pkl (mmcv.dump's output, holding numpy arrays). Labels become 1..K (mmdetection's
 label + 1, since 0 is background here) and ignored boxes become iscrowd=1 instances.
 
@@ -116,7 +116,14 @@ class CustomDataset(BoxRecords):
                 raise SetupError(f"{where}: filename {filename!r} must be a relative path inside {self.img_prefix}")
             ann = entry.get("ann", {})  # test-set files have no "ann"
             boxes, labels = _boxes_and_labels(ann, "bboxes", "labels", where)
-            ignore_boxes, ignore_labels = _boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where)
+            if "labels_ignore" in ann:
+                ignore_boxes, ignore_labels = _boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where)
+            else:  # optional, as in mmdetection: an ignored region then ignores detections of every class
+                regions = ann.get("bboxes_ignore", [])
+                ignored = {"bboxes_ignore": regions, "labels_ignore": [0] * len(regions)}
+                ignore_boxes, _ = _boxes_and_labels(ignored, "bboxes_ignore", "labels_ignore", where)
+                ignore_labels = np.tile(np.arange(len(self.classes)), len(ignore_boxes))
+                ignore_boxes = np.repeat(ignore_boxes, len(self.classes), axis=0)
             iscrowd = torch.tensor([0] * len(boxes) + [1] * len(ignore_boxes), dtype=torch.int64)
             boxes = torch.from_numpy(np.concatenate([boxes, ignore_boxes]))
             labels = np.concatenate([labels, ignore_labels])

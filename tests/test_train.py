@@ -301,6 +301,12 @@ def test_real_tiny_coco_person_keypoints(tmp_path, capsys):
         *TINY,
     )
     assert "keypoints" in metrics and "IoU metric: keypoints" in capsys.readouterr().out
+    # COCOeval's 10 keypoint stats under their own names, in the returned dict, log.jsonl and report.md
+    names = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
+    assert list(metrics["keypoints"]) == names
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert list(next(r for r in logged if "keypoints" in r)["keypoints"]) == names
+    assert "| " + " | ".join(names) + " |" in (tmp_path / "report.md").read_text()
     with pytest.raises(train.utils.SetupError, match="needs keypoints"):
         run(
             "--dataset",
