@@ -88,9 +88,14 @@ def train_one_epoch(
     for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
         images, targets, bad = _readable(images, targets)
         unreadable += bad
-        if not images:  # every image of this batch was unreadable (--skip-bad-images)
+        # every image of this batch was unreadable (--skip-bad-images): skip the step if every rank's was; else
+        # this rank steps on a blank image with a zero loss, joining DDP's gradient all-reduce like the others
+        if not utils.any_rank(images):
             step += 1
             continue
+        empty = not images
+        if empty:
+            images, targets = _blank_sample(model)
         if step < warmup_iters:  # lr/1000 at step 0, rising linearly to lr at step warmup_iters
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * (1e-3 + (1 - 1e-3) * step / warmup_iters)
@@ -101,6 +106,8 @@ def train_one_epoch(
         targets = [_without_crowd(_to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
+        if empty:
+            loss_dict = {k: v * 0.0 for k, v in loss_dict.items()}
         loss = sum(loss_dict.values())
 
         loss_dict_reduced = utils.reduce_dict(loss_dict)  # averaged over ranks: every rank takes the same decision
@@ -136,6 +143,17 @@ def train_one_epoch(
     return {**stats, "steps": step, "nonfinite_skipped": skipped, "unreadable_skipped": unreadable}
 
 
+def _blank_sample(model):
+    """A 64x64 black image without objects, and its target with every field the model's heads read."""
+    heads = getattr(getattr(model, "module", model), "roi_heads", None)
+    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}
+    if heads is not None and heads.has_mask():
+        target["masks"] = torch.zeros((0, 64, 64), dtype=torch.uint8)
+    if heads is not None and heads.has_keypoint():
+        target["keypoints"] = torch.zeros((0, heads.keypoint_predictor.kps_score_lowres.out_channels, 3))
+    return [torch.zeros(3, 64, 64)], [target]
+
+
 @torch.no_grad()
 def validation_loss(model, data_loader, device, amp_dtype=None):
     """Mean losses on the validation set, comparable with the training losses.
@@ -147,19 +165,25 @@ def validation_loss(model, data_loader, device, amp_dtype=None):
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.eval()
-    metric_logger = utils.MetricLogger()
+    totals = defaultdict(float)  # loss name -> sum over this rank's batches; "batches" counts them
     for images, targets in data_loader:
         images, targets, _ = _readable(images, targets)
-        if not images:
+        if not images:  # no collective inside this loop: ranks may see different numbers of batches
             continue
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [_without_crowd(_to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
-        metric_logger.update(loss=sum(loss_dict.values()), **loss_dict)
-    metric_logger.synchronize_between_processes()
+        for name, value in {"loss": sum(loss_dict.values()), **loss_dict}.items():
+            totals[name] += float(value)
+        totals["batches"] += 1
     model.eval()
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    merged = defaultdict(float)  # every rank's sums, even from a rank that had nothing to score
+    for part in utils.all_gather(dict(totals)):
+        for name, value in part.items():
+            merged[name] += value
+    batches = merged.pop("batches", 0)
+    return {name: value / batches for name, value in merged.items()}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -316,14 +340,26 @@ def voc_ap50(annotations, detections, class_names):
     return table
 
 
-def _gather(per_image):
-    """{image_id: (image entry, annotations, results)} of every rank -> images, annotations, results, merged."""
+def _gather(per_image, flags=()):
+    """{image_id: (image entry, annotations, results)} and boolean `flags` of every rank, on rank 0 only ->
+    (images, annotations, results, each flag true on every rank); None on the other ranks, which have nothing to
+    score (a rank with no image to score sends an empty dict: every rank joins the same collectives)."""
+    parts = utils.gather_to_main((per_image, tuple(flags)))
+    if parts is None:
+        return None
     merged = {}
-    for part in utils.all_gather(per_image):  # rank order; a padded duplicate keeps its first copy
+    for part, _ in parts:  # rank order; a padded duplicate keeps its first copy
         for image_id, record in part.items():
             merged.setdefault(image_id, record)
     records = list(merged.values())
-    return [r[0] for r in records], [a for r in records for a in r[1]], [d for r in records for d in r[2]]
+    flags = tuple(all(values) for values in zip(*(f for _, f in parts)))
+    return [r[0] for r in records], [a for r in records for a in r[1]], [d for r in records for d in r[2]], flags
+
+
+def _share(results, detections=True):
+    """Rank 0's metrics on every rank (without the detections, which only rank 0 writes out)."""
+    summary = utils.broadcast_from_main(results and {k: v for k, v in results.items() if k != "detections"})
+    return results if results is not None else {**summary, **({"detections": []} if detections else {})}
 
 
 def _load_results(coco_gt, images, results, class_names):
@@ -387,12 +423,16 @@ def evaluate(
                     os.path.join(show_dir, f"{target['image_id']}.png")
                 )
 
-    images, annotations, detections = _gather(per_image)
+    gathered = _gather(per_image, (score_masks, score_keypoints))
+    return _share(_score(*gathered, class_names, voc_metric) if gathered is not None else None)
+
+
+def _score(images, annotations, detections, flags, class_names, voc_metric):
+    """evaluate's COCO (and VOC) scoring of the gathered detections, on rank 0."""
+    score_masks, score_keypoints = flags
     if class_names is None:
         class_names = [str(k) for k in range(1, max([a["category_id"] for a in annotations], default=0) + 1)]
-
-    iou_types = ["bbox"] + (["segm"] if all(utils.all_gather(score_masks)) else [])
-    iou_types += ["keypoints"] if all(utils.all_gather(score_keypoints)) else []
+    iou_types = ["bbox"] + ["segm"] * score_masks + ["keypoints"] * score_keypoints
     coco_gt = coco_from_records(images, annotations, class_names)
     results = {"detections": detections}
     for iou_type in iou_types:
@@ -468,7 +508,12 @@ def evaluate_proposals(model, data_loader, device, max_dets=(100, 300, 1000), am
             ]
             per_image[target["image_id"]] = (*_ground_truth(target, *image.shape[-2:]), results)
 
-    images, annotations, proposals = _gather(per_image)
+    gathered = _gather(per_image)
+    return _share(_score_proposals(*gathered[:3], max_dets) if gathered is not None else None, detections=False)
+
+
+def _score_proposals(images, annotations, proposals, max_dets):
+    """evaluate_proposals' recall of the gathered proposals, on rank 0."""
     # the categories only have to exist: with useCats = 0 every proposal is matched against every box
     num_labels = max([ann["category_id"] for ann in annotations], default=1)
     class_names = [str(k) for k in range(1, num_labels + 1)]

@@ -417,18 +417,7 @@ def _builder_rpn_anchors(name):
         return torchvision.models.get_model(name, weights=None, weights_backbone=None).rpn.head.cls_logits.out_channels
 
 
-def get_model(
-    name,
-    num_classes,
-    weights="DEFAULT",
-    weights_backbone=None,
-    trainable_backbone_layers=None,
-    backbone=None,
-    neck=None,
-    anchor_sizes=None,
-    anchor_ratios=None,
-    **kwargs,
-):
+def get_model(name, num_classes, **options):
     """Build `name` for `num_classes` (your classes + background).
 
     weights: "DEFAULT" or a weights enum name (COCO weights, downloaded once), "none" (random init, with the
@@ -440,6 +429,41 @@ def get_model(
     wherever keys and shapes match. anchor_sizes / anchor_ratios (see anchor_generator) also fit the named R-CNNs.
     To rebuild a composed checkpoint, pass the same backbone, neck, anchor_sizes and anchor_ratios.
     """
+    return float32_anchors(_build_model(name, num_classes, **options))
+
+
+class Float32Anchors(AnchorGenerator):
+    """torchvision's AnchorGenerator, making anchors in float32 whatever the feature maps' dtype. Under bf16 autocast
+    torchvision's takes the maps' bf16, whose 8-bit mantissa cannot tell x = 1024 from 1028: beyond 1024 px only 41
+    of 80 stride-4 anchor centres stay distinct (and its cell anchors stay rounded for later fp32 calls too)."""
+
+    def forward(self, image_list, feature_maps):
+        # the maps are read for their size, dtype and device only: empty float32 stand-ins carry all three
+        shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+def float32_anchors(model):
+    """Swap the model's AnchorGenerator (the RPN's, or RetinaNet's / FCOS's) for Float32Anchors; no weights change."""
+    holder = model.rpn if hasattr(model, "rpn") else model
+    old = getattr(holder, "anchor_generator", None)
+    if type(old) is AnchorGenerator:
+        holder.anchor_generator = Float32Anchors(old.sizes, old.aspect_ratios)
+    return model
+
+
+def _build_model(
+    name,
+    num_classes,
+    weights="DEFAULT",
+    weights_backbone=None,
+    trainable_backbone_layers=None,
+    backbone=None,
+    neck=None,
+    anchor_sizes=None,
+    anchor_ratios=None,
+    **kwargs,
+):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     if name in HEADS:

@@ -29,7 +29,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil
 
 import models
 import utils
-from datasets.images import read_image
+from datasets.images import UnreadableImage, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # what a folder given on the command line is scanned for
 
@@ -78,10 +78,7 @@ def load_model(checkpoint, device="cpu"):
 def to_image(image):
     """A file path, PIL image or uint8 / float tensor [3, H, W] -> float32 [3, H, W] in [0, 1], the models' input."""
     if isinstance(image, (str, os.PathLike)):
-        try:
-            image = read_image(image, "RGB")
-        except OSError as e:  # missing, a folder, not an image, or truncated
-            raise utils.SetupError(f"cannot read image {image}: {e}") from e
+        image = read_image(image, "RGB", hint="")  # UnreadableImage (a SetupError) names a file it cannot read
     elif isinstance(image, PIL.Image.Image):
         image = pil_to_tensor(image.convert("RGB"))
     return to_dtype(image, torch.float32, scale=True)
@@ -209,14 +206,24 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
 
     detections, images, seconds = [], [], []  # seconds: model time per image, a batch's time shared by its images
+    unreadable = []  # a corrupt file, a non-image with an image's name, a Mac's ._IMG.jpg: warned about, skipped
     start = time.perf_counter()
     for first in range(0, len(paths), args.batch_size):
-        batch_paths = paths[first : first + args.batch_size]
-        batch = [to_image(path) for path in batch_paths]
+        batch, batch_ids = [], []
+        for image_id in range(first, min(first + args.batch_size, len(paths))):
+            try:
+                batch.append(to_image(paths[image_id]))
+                batch_ids.append(image_id)
+            except UnreadableImage as e:
+                unreadable.append(paths[image_id])
+                print(f"\nwarning: skipped {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+        if not batch:
+            continue
         tic = time.perf_counter()
         predictions = predict(model, batch, args.score_thresh, args.batch_size)  # returns CPU tensors: synchronised
         seconds += [(time.perf_counter() - tic) / len(batch)] * len(batch)
-        for image_id, (path, image, prediction) in enumerate(zip(batch_paths, batch, predictions), start=first):
+        for image_id, image, prediction in zip(batch_ids, batch, predictions):
+            path = paths[image_id]
             print(f"\r[{image_id + 1}/{len(paths)}] {path.name}", end="", file=sys.stderr, flush=True)
             drawing = utils.draw_predictions(image, prediction, model.class_names, args.score_thresh)
             to_pil_image(drawing).save(out / f"{path.stem}.png")
@@ -225,16 +232,20 @@ def main(args):
             detections += coco_results(prediction, image_id, str(path))
     print(file=sys.stderr)
     total = time.perf_counter() - start
+    if not images:
+        raise utils.SetupError(f"none of the {len(paths)} images could be read (see the warnings above)")
 
     (out / "results.json").write_text(json.dumps(detections))
     (out / "images.json").write_text(json.dumps(images, indent=1))
     ms = [1000 * s for s in seconds]
+    if unreadable:
+        print(f"Skipped {len(unreadable)} unreadable files (warned above), first: {unreadable[0]}")
     print(
-        f"{len(paths)} images, model time per image: {statistics.mean(ms):.1f} ms mean, "
-        f"{statistics.median(ms):.1f} median, {max(ms):.1f} max; {len(paths) / total:.2f} images/s overall "
+        f"{len(images)} images, model time per image: {statistics.mean(ms):.1f} ms mean, "
+        f"{statistics.median(ms):.1f} median, {max(ms):.1f} max; {len(images) / total:.2f} images/s overall "
         f"(reading and drawing included)"
     )
-    print(f"Wrote {len(paths)} drawings, results.json ({len(detections)} detections) and images.json to {out}")
+    print(f"Wrote {len(images)} drawings, results.json ({len(detections)} detections) and images.json to {out}")
 
 
 if __name__ == "__main__":

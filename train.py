@@ -213,6 +213,7 @@ def get_loaders(args, train_set, val_set, world_size, rank):
     else:
         val_sampler = torch.utils.data.SequentialSampler(val_set)
     common = dict(num_workers=args.workers, collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"))
+    common["worker_init_fn"] = utils.ignore_stop_signals  # a signal to the process group must reach main only
     batches = utils.ResumableBatches(batches)  # skips the steps done before a mid-epoch stop
     # Its own generator (reseeded per epoch) seeds the workers, so starting an epoch draws nothing from torch's global
     # random stream: a mid-epoch resume restores that stream and continues it exactly.
@@ -286,13 +287,23 @@ def get_lr_scheduler(args, optimizer):
 
 
 def find_resume(args):
-    """--resume auto -> output-dir/checkpoint.pth when it exists (a fresh start otherwise); else the given path."""
+    """--resume auto -> output-dir/checkpoint.pth when it exists (a fresh start otherwise); else the given path.
+
+    Rank 0 decides and every rank follows: with node-local output dirs, some ranks would otherwise resume and others
+    start afresh. A rank that cannot read the chosen file stops every rank with the fix.
+    """
     if args.resume != "auto":
         if args.resume and not os.path.isfile(args.resume):
             raise utils.SetupError(f"--resume {args.resume}: no such checkpoint")
         return args.resume
     latest = os.path.join(args.output_dir, "checkpoint.pth")
-    return latest if os.path.isfile(latest) else None
+    resume = utils.broadcast_from_main(latest if os.path.isfile(latest) else None)
+    if utils.any_rank(resume is not None and not os.path.isfile(resume)):
+        raise utils.SetupError(
+            f"--resume auto: rank 0 continues from {resume}, which another process cannot read; give --output-dir "
+            f"a folder every node shares"
+        )
+    return resume
 
 
 def check_args(args):
@@ -313,20 +324,26 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    distributed, rank, world_size, _ = utils.init_distributed_mode(args.device)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device.startswith("cuda") else args.device)
+    distributed, rank, world_size, local_rank = utils.init_distributed_mode(args.device)
+    device = torch.device(args.device)  # --device cuda:1 in one process is that GPU
+    if device.type == "cuda":
+        if distributed or device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # the local rank's, set by init
+        torch.cuda.set_device(device)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     restore_print = utils.setup_logging(rank == 0, os.path.join(args.output_dir, "log.txt"))
     stop = utils.StopSignals()
     try:
-        return _run(args, distributed, rank, world_size, device, stop)
+        return _run(args, distributed, rank, world_size, local_rank, device, stop)
     finally:
         stop.restore()
         restore_print()
+        if distributed:
+            torch.distributed.destroy_process_group()
 
 
-def _run(args, distributed, rank, world_size, device, stop):
+def _run(args, distributed, rank, world_size, local_rank, device, stop):
     if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
         args.lr = 0.005 * world_size * args.batch_size / 2
         print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images / 2 = {args.lr:g} (linear scaling)")
@@ -337,18 +354,20 @@ def _run(args, distributed, rank, world_size, device, stop):
     print("Loading data")
     resume = find_resume(args)
     # Fetch (or find) the data and the weights before anything else, and report every missing one at once.
+    # Downloads (Penn-Fudan, COCO weights) run on one process per node; the others wait, then find the files.
     problems = []
-    try:
-        train_set, val_set, class_names = get_datasets(args)
-    except utils.SetupError as e:
-        problems.append(str(e))
-    if not resume and not args.load_from and args.model in models.TORCHVISION_MODELS:
+    with utils.local_main_first(local_rank):
         try:
-            models.resolve_weights(args.model, args.weights)
+            train_set, val_set, class_names = get_datasets(args)
         except utils.SetupError as e:
             problems.append(str(e))
-    if problems:
-        raise utils.SetupError("\n".join(problems))
+        if not resume and not args.load_from and args.model in models.TORCHVISION_MODELS:
+            try:
+                models.resolve_weights(args.model, args.weights)
+            except utils.SetupError as e:
+                problems.append(str(e))
+    if utils.any_rank(problems):  # every rank stops together, or those that could go on would wait forever
+        raise utils.SetupError("\n".join(problems) or "another process could not load the data or weights (above)")
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
     if resume:  # continuing or evaluating a checkpoint of other classes would score heads that mean something else
         saved, built = load_checkpoint(resume).get("class_names"), load_checkpoint(resume).get("args", {})
@@ -381,7 +400,14 @@ def _run(args, distributed, rank, world_size, device, stop):
 
     print("Creating model")
     # A checkpoint holds the whole model, so resuming rebuilds from it and needs no COCO download.
-    model = build_model(args, len(class_names) + 1, resume or args.load_from or args.weights, device)
+    model, problem = None, None
+    with utils.local_main_first(local_rank):  # backbone weights download here, once per node
+        try:
+            model = build_model(args, len(class_names) + 1, resume or args.load_from or args.weights, device)
+        except utils.SetupError as e:
+            problem = str(e)
+    if utils.any_rank(problem):
+        raise utils.SetupError(problem or "another process could not build the model (above)")
     if distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
     model_without_ddp = model
@@ -567,13 +593,13 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
     if drawn:
         lines += ["## Validation images (prediction green, ground truth red)", ""]
         lines += [f"![{name}](val_images/{name})" for name in drawn] + [""]
-    memory = utils.peak_memory_mb()
+    memory, on_gpu = utils.peak_memory_mb(args.device), args.device.startswith("cuda")
     lines += [
         "## Run",
         "",
         f"- training: {train_images_per_s:.2f} images/s; total time {datetime.timedelta(seconds=int(total_seconds))}",
     ]
-    lines += [f"- peak memory: {memory:.0f} MB ({'GPU allocated' if torch.cuda.is_available() else 'process RSS'})", ""]
+    lines += [f"- peak memory: {memory:.0f} MB ({'GPU allocated' if on_gpu else 'process RSS'})", ""]
     lines += ["```json", json.dumps(vars(args), indent=2), "```", ""]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))

@@ -4,6 +4,7 @@ Every distributed helper is harmless in a single process: `get_world_size()` is 
 returns its input and `all_gather` returns a one-element list.
 """
 
+import contextlib
 import datetime
 import itertools
 import json
@@ -206,6 +207,51 @@ def all_gather(obj):
     return gathered
 
 
+def gather_to_main(obj):
+    """Gather any picklable object on rank 0 only (the list ordered by rank); None on the other ranks."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (what the others pass is ignored)."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def any_rank(flag):
+    """True on every rank if `flag` is true on any: a decision all processes take together."""
+    if get_world_size() == 1:
+        return bool(flag)
+    tensor = torch.tensor([float(bool(flag))], device=_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.item() > 0
+
+
+@contextlib.contextmanager
+def local_main_first(local_rank):
+    """Run the block on each node's local rank 0 first, then on the others: downloads happen once per node, and
+    the others find the files. The block must not raise (collect problems instead) or the barrier is missed."""
+    if get_world_size() > 1 and local_rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if get_world_size() > 1 and local_rank == 0:
+            dist.barrier()
+
+
+def slurm_master_port(job_id):
+    """A port from the job id (20000-39999): two jobs sharing a node do not both take torchrun's 29500."""
+    return 20000 + int(job_id) % 20000 if str(job_id).isdigit() else 29500
+
+
 def _slurm_master_addr(nodelist):
     """First host of a SLURM node list such as 'gpu[01-04],cpu7' (scontrol expands the ranges)."""
     try:
@@ -218,23 +264,28 @@ def _slurm_master_addr(nodelist):
 def init_distributed_mode(device="cuda", dist_url="env://"):
     """Join the process group that torchrun or srun set up; returns (distributed, rank, world_size, local_rank).
 
-    torchrun exports RANK, WORLD_SIZE and LOCAL_RANK; srun exports SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID,
-    and we derive MASTER_ADDR from SLURM_NODELIST, so one train.py runs under both. The backend is nccl for
-    CUDA and gloo for CPU. Started as plain `python train.py`, this is a no-op.
+    torchrun exports RANK, WORLD_SIZE and LOCAL_RANK. Inside an srun step (SLURM_STEP_ID set) SLURM exports
+    SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID; MASTER_ADDR is the step's first node and MASTER_PORT comes
+    from the job id, so one train.py runs under both. A plain `python train.py` in an sbatch script with several
+    tasks is not in a step: it runs as one process instead of waiting for peers that never start. The backend is
+    nccl for CUDA (GPU: the local rank modulo the visible GPUs, so one GPU per task works) and gloo for CPU.
+    Started as plain `python train.py`, this is a no-op.
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        rank, world_size, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
-        env.setdefault("MASTER_ADDR", _slurm_master_addr(env.get("SLURM_NODELIST", "127.0.0.1")))
-        env.setdefault("MASTER_PORT", "29500")
+    elif "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
+        local_rank = int(env["SLURM_LOCALID"])
+        nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr(nodes))
+        env.setdefault("MASTER_PORT", str(slurm_master_port(env.get("SLURM_JOB_ID"))))
         env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
     else:
         return False, 0, 1, 0
     backend = "gloo"
     if str(device).startswith("cuda"):
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "nccl"
     dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
     dist.barrier()
@@ -327,10 +378,12 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def peak_memory_mb():
-    """Peak memory of this process: CUDA memory allocated on GPU, resident set size (RSS) on CPU, in MiB."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device=None):
+    """Peak memory of this process on `device` (default: the current CUDA device if any): CUDA memory allocated on
+    a GPU, resident set size (RSS) on CPU, in MiB."""
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -342,7 +395,7 @@ def current_rss_mb():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
-        return peak_memory_mb()
+        return peak_memory_mb("cpu")
 
 
 def read_log(path):
@@ -440,6 +493,14 @@ class StopSignals:
     def restore(self):
         for name, handler in self.previous.items():
             signal.signal(getattr(signal, name), handler)
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader workers' worker_init_fn: stop signals are the main process's to handle. SLURM, `timeout`, systemd
+    and Ctrl-C signal the whole process group, and torch's workers die of SIGTERM, which ends the run without a
+    checkpoint; ignoring the signals here, the main process finishes its step, saves and shuts the workers down."""
+    for name in StopSignals.NAMES:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class ResumableBatches(torch.utils.data.Sampler):

@@ -70,15 +70,29 @@ def test_slurm_environment_is_read(monkeypatch):
     # init_distributed_mode exports RANK, MASTER_ADDR, ...: give it a copy of the environment, or later tests
     # (and the processes they start) would believe they are rank 3 of 4 and wait forever for the others.
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")})
-    monkeypatch.setenv("SLURM_PROCID", "3")
+    # what an sbatch script with 4 tasks sees: no step yet, so a plain `python train.py` there is one process
+    monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
     monkeypatch.setenv("SLURM_NODELIST", "node7")
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
     monkeypatch.setattr(torch.distributed, "init_process_group", fake_init)
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    assert utils.init_distributed_mode("cpu") == (False, 0, 1, 0) and not calls
+    # inside `srun -n 4`: a step, task 3 of 4, the second on its node
+    for key, value in dict(SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="4", SLURM_PROCID="3", SLURM_LOCALID="1").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "node7")
     assert utils.init_distributed_mode("cpu") == (True, 3, 4, 1)
     assert calls == {"backend": "gloo", "world_size": 4, "rank": 3}
     assert os.environ["MASTER_ADDR"] == "node7" and os.environ["RANK"] == "3" and os.environ["LOCAL_RANK"] == "1"
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)  # from the job id: jobs on one node differ
+    # one GPU per task (srun --gpus-per-task 1): each task sees one device, cuda:0, whatever its local rank
+    devices = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    assert utils.init_distributed_mode("cuda") == (True, 3, 4, 1)
+    assert devices == [0] and calls["backend"] == "nccl"
 
 
 def _single_process_eval(data, ckpt, out):

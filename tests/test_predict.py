@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,8 +157,32 @@ def test_script_errors_name_the_file(faster_rcnn, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     args = predict.get_args_parser().parse_args(["--checkpoint", str(faster_rcnn), str(broken), "--out", "x"])
-    with pytest.raises(predict.utils.SetupError, match="cannot read image .*broken.png"):
+    with pytest.raises(predict.utils.SetupError, match="none of the 1 images could be read"):
         predict.main(args)
+    with pytest.raises(predict.utils.SetupError, match="cannot read image .*broken.png") as e:
+        predict.predict(predict.load_model(str(faster_rcnn)), [broken])
+    assert "--" not in str(e.value)  # predict.py has no --skip-bad-images: no flag is suggested
+
+
+def test_script_skips_unreadable_files_and_writes_the_rest(faster_rcnn, data_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("Ped00000.png", "Ped00001.png"):
+        shutil.copy(data_dir / "PNGImages" / name, folder / name)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))  # a JPEG header, then nothing
+    (folder / "._Ped00000.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # a Mac's AppleDouble file
+    (folder / "notes.png").write_text("not an image")
+    out = tmp_path / "out"
+    argv = ["--checkpoint", faster_rcnn, folder, "--out", out, "--score-thresh", 0, "--batch-size", 2]
+    predict.main(predict.get_args_parser().parse_args([str(a) for a in argv]))
+    assert sorted(p.name for p in out.glob("*.png")) == ["Ped00000.png", "Ped00001.png"]
+    images = json.loads((out / "images.json").read_text())
+    assert [Path(i["file_name"]).name for i in images] == ["Ped00000.png", "Ped00001.png"]
+    results = json.loads((out / "results.json").read_text())
+    assert {r["image_id"] for r in results} == {i["id"] for i in images}
+    captured = capsys.readouterr()
+    assert captured.err.count("warning: skipped cannot read image") == 3
+    assert "Skipped 3 unreadable files" in captured.out and "--" not in captured.err.replace("--checkpoint", "")
 
 
 def write_log(run, epochs=3):
