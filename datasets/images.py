@@ -51,9 +51,19 @@ def image_size(path, hint=DATASET_HINT):
     """(height, width) of the upright image, from the file's header (no decoding)."""
     with _open(path, hint) as im:
         width, height = im.size
-        if im.getexif().get(EXIF_ORIENTATION) in SWAPS_SIDES:
+        if orientation(im) in SWAPS_SIDES:
             width, height = height, width
     return height, width
+
+
+def orientation(im):
+    """The EXIF orientation tag of an opened image (None without one), read without decoding the pixels."""
+    if im.format == "PNG" and "exif" not in im.info:  # PIL would decode the whole PNG to look for a late eXIf chunk
+        return None
+    try:
+        return im.getexif().get(EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError):  # a damaged file: read_image names it when the sample is read
+        return None
 
 
 def to_8_bit(im):

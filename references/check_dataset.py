@@ -40,7 +40,7 @@ from convert_dataset import _coordinate, parallel_map  # noqa: E402  (this scrip
 
 from datasets.coco import REQUIRED_FIELDS, load_json  # noqa: E402
 from datasets.custom import _boxes_and_labels, load_middle_format  # noqa: E402
-from datasets.images import EXIF_ORIENTATION, SWAPS_SIDES  # noqa: E402
+from datasets.images import SWAPS_SIDES, orientation  # noqa: E402
 from datasets.voc import (  # noqa: E402
     BOX_TAGS,
     VOC_CLASSES,
@@ -259,7 +259,7 @@ def inspect_image(task):
     try:
         with Image.open(path) as im:
             size = im.size  # from the header, what the annotations must agree with, upright as tools show it
-            if im.getexif().get(EXIF_ORIENTATION) in SWAPS_SIDES:
+            if orientation(im) in SWAPS_SIDES:
                 size = size[::-1]
             im.load()  # decode every pixel: a truncated file opens fine and fails only here
             ids = np.asarray(im.getchannel(0)) if is_mask else None  # Penn-Fudan: 0 background, k = instance k
