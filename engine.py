@@ -146,7 +146,7 @@ def train_one_epoch(
 def _blank_sample(model):
     """A 64x64 black image without objects, and its target with every field the model's heads read."""
     heads = getattr(getattr(model, "module", model), "roi_heads", None)
-    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}
+    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "image_id": -1}
     if heads is not None and heads.has_mask():
         target["masks"] = torch.zeros((0, 64, 64), dtype=torch.uint8)
     if heads is not None and heads.has_keypoint():
