@@ -12,6 +12,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from collections import defaultdict, deque
 
@@ -307,7 +308,7 @@ def cli(main, parser):
         code = main(parser.parse_args())
     except SetupError as e:
         # raised in a DataLoader worker, the message carries the worker's traceback: keep only our own words
-        print(f"error: {str(e).rsplit('SetupError: ', 1)[-1]}", file=sys.stderr)
+        print(f"error: {str(e).rsplit(f'{type(e).__name__}: ', 1)[-1]}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code if isinstance(code, int) else 0)
 
@@ -498,9 +499,21 @@ class StopSignals:
 def ignore_stop_signals(worker_id=None):
     """DataLoader workers' worker_init_fn: stop signals are the main process's to handle. SLURM, `timeout`, systemd
     and Ctrl-C signal the whole process group, and torch's workers die of SIGTERM, which ends the run without a
-    checkpoint; ignoring the signals here, the main process finishes its step, saves and shuts the workers down."""
-    for name in StopSignals.NAMES:
+    checkpoint; ignoring the signals here, the main process finishes its step, saves and shuts the workers down.
+
+    The main process itself ends workers with SIGTERM (at exit, after an error), and that one must still work. A
+    Python handler cannot see who sent a signal, so SIGTERM is blocked and a thread reads each one with its sender.
+    """
+    for name in ("SIGINT", "SIGUSR1"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the block
+
+    def wait_for_sigterm():
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)  # what torch's own worker handler does when its parent asks
+
+    threading.Thread(target=wait_for_sigterm, daemon=True).start()
 
 
 class ResumableBatches(torch.utils.data.Sampler):

@@ -124,7 +124,9 @@ def test_a_corrupt_image_stops_with_its_name_or_is_skipped(pennfudan_dir, tmp_pa
     with pytest.raises(utils.SetupError, match="(?s)cannot read image .*Ped00003.png.*--skip-bad-images"):
         train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
 
-    cli = subprocess.run([sys.executable, str(REPO / "train.py"), *map(str, argv)], capture_output=True, text=True)
+    cli = subprocess.run(  # a timeout: workers that outlive their main process would hang it at exit
+        [sys.executable, str(REPO / "train.py"), *map(str, argv)], capture_output=True, text=True, timeout=300
+    )
     assert cli.returncode == 2 and cli.stderr.startswith("error: cannot read image") and "Traceback" not in cli.stderr
 
     train.main(train.get_args_parser().parse_args([str(a) for a in [*argv, "--skip-bad-images", "-j", "0"]]))
