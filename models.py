@@ -417,7 +417,7 @@ def _builder_rpn_anchors(name):
         return torchvision.models.get_model(name, weights=None, weights_backbone=None).rpn.head.cls_logits.out_channels
 
 
-def get_model(name, num_classes, **options):
+def get_model(name, num_classes, *args, **options):
     """Build `name` for `num_classes` (your classes + background).
 
     weights: "DEFAULT" or a weights enum name (COCO weights, downloaded once), "none" (random init, with the
@@ -429,7 +429,7 @@ def get_model(name, num_classes, **options):
     wherever keys and shapes match. anchor_sizes / anchor_ratios (see anchor_generator) also fit the named R-CNNs.
     To rebuild a composed checkpoint, pass the same backbone, neck, anchor_sizes and anchor_ratios.
     """
-    return float32_anchors(_build_model(name, num_classes, **options))
+    return float32_anchors(_build_model(name, num_classes, *args, **options))
 
 
 class Float32Anchors(AnchorGenerator):
