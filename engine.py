@@ -6,18 +6,13 @@ import json
 import math
 import os
 from collections import defaultdict
-from unittest import mock
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import box_iou
 
 import utils
 
@@ -31,15 +26,14 @@ def stat_names(iou_type):
     return KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
 
 
-PASTE = "torchvision.models.detection.transform.paste_masks_in_image"  # where the models' postprocess finds it
 PER_INSTANCE_KEYS = ("boxes", "labels", "masks", "keypoints", "area", "iscrowd")
 
 
-def _to_device(target, device):
+def to_device(target, device):
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in target.items()}
 
 
-def _readable(images, targets):
+def readable(images, targets):
     """Drop the samples SkipBadImages marked unreadable (None); returns (images, targets, number dropped)."""
     keep = [i for i, target in enumerate(targets) if target is not None]
     return [images[i] for i in keep], [targets[i] for i in keep], len(targets) - len(keep)
@@ -86,7 +80,7 @@ def train_one_epoch(
         group.setdefault("initial_lr", group["lr"])
     step, skipped, unreadable = first_step, 0, 0
     for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
-        images, targets, bad = _readable(images, targets)
+        images, targets, bad = readable(images, targets)
         unreadable += bad
         # every image of this batch was unreadable (--skip-bad-images): skip the step if every rank's was; else
         # this rank steps on a blank image with a zero loss, joining DDP's gradient all-reduce like the others
@@ -103,7 +97,7 @@ def train_one_epoch(
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"]
         images = [image.to(device, non_blocking=True) for image in images]
-        targets = [_without_crowd(_to_device(t, device)) for t in targets]
+        targets = [_without_crowd(to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         if empty:
@@ -167,11 +161,11 @@ def validation_loss(model, data_loader, device, amp_dtype=None):
             module.eval()
     totals = defaultdict(float)  # loss name -> sum over this rank's batches; "batches" counts them
     for images, targets in data_loader:
-        images, targets, _ = _readable(images, targets)
+        images, targets, _ = readable(images, targets)
         if not images:  # no collective inside this loop: ranks may see different numbers of batches
             continue
         images = [image.to(device, non_blocking=True) for image in images]
-        targets = [_without_crowd(_to_device(t, device)) for t in targets]
+        targets = [_without_crowd(to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         for name, value in {"loss": sum(loss_dict.values()), **loss_dict}.items():
@@ -196,40 +190,16 @@ def _encode_masks(masks):
     return rles
 
 
-def paste_masks(masks, boxes, image_size, padding=1):
-    """The model's masks pasted into the image and cut at 0.5: bool [N, 1, H, W], computed only inside each box.
-
-    The same numbers as torchvision's paste_masks_in_image followed by `> 0.5` (same box expansion, same bilinear
-    resize), without its full-image float mask per detection: with 100 detections per image those writes were most of
-    the evaluation time. The result is a transposed view of an [N, W, H] array: each mask column-major, the order
-    pycocotools' RLE encoder reads, so encoding needs no copy either.
-    masks: probabilities [N, 1, M, M] (M = 28); boxes: float [N, 4] XYXY in the image's pixels.
-    """
-    n, _, m, _ = masks.shape
-    height, width = image_size
-    # one pixel of zero padding around each mask, and the box grown to match, as torchvision does
-    padded = F.pad(masks, (padding,) * 4)
-    centre, half = (boxes[:, :2] + boxes[:, 2:]) * 0.5, (boxes[:, 2:] - boxes[:, :2]) * 0.5 * ((m + 2 * padding) / m)
-    pasted = torch.zeros(n, width, height, dtype=torch.bool, device=masks.device)
-    for k, (x0, y0, x1, y1) in enumerate(torch.cat([centre - half, centre + half], 1).to(torch.int64).tolist()):
-        size = (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))  # box pixels, both ends included
-        inside = F.interpolate(padded[k : k + 1], size=size, mode="bilinear", align_corners=False)[0, 0] > 0.5
-        cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x1 + 1, width), min(y1 + 1, height)  # clipped to the image
-        if cx1 > cx0 and cy1 > cy0:
-            pasted[k, cx0:cx1, cy0:cy1] = inside[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].T
-    return pasted.transpose(1, 2)[:, None]
-
-
-def _xywh(boxes):
+def xywh(boxes):
     boxes = boxes.float().cpu()
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
 
 
-def _ground_truth(target, height, width):
+def ground_truth(target, height, width):
     """One image's COCO 'image' entry and annotations (ids are assigned later)."""
     anns = []
     masks = _encode_masks(target["masks"]) if "masks" in target else None
-    for i, (box, label) in enumerate(zip(_xywh(target["boxes"]), target["labels"].tolist())):
+    for i, (box, label) in enumerate(zip(xywh(target["boxes"]), target["labels"].tolist())):
         ann = {"image_id": target["image_id"], "bbox": box, "category_id": label}
         ann["area"] = float(target["area"][i]) if "area" in target else box[2] * box[3]
         ann["iscrowd"] = int(target["iscrowd"][i]) if "iscrowd" in target else 0
@@ -244,7 +214,7 @@ def _ground_truth(target, height, width):
 
 def _detections(output, image_id):
     """One image's predictions as COCO result dicts; mask probabilities are cut at 0.5 as torchvision's eval does."""
-    boxes, scores, labels = _xywh(output["boxes"]), output["scores"].tolist(), output["labels"].tolist()
+    boxes, scores, labels = xywh(output["boxes"]), output["scores"].tolist(), output["labels"].tolist()
     masks = [None] * len(scores)
     if "masks" in output:  # probabilities [N, 1, H, W], or already cut by paste_masks
         masks = _encode_masks(
@@ -293,54 +263,7 @@ def format_per_class(table, iou_type):
     return "\n".join(lines)
 
 
-def voc_ap50(annotations, detections, class_names):
-    """Pascal VOC AP at IoU 0.5 per class: the area under the precision-recall curve made monotone (VOC2010+ rule).
-
-    Crowd / difficult ground truth is "don't care": a detection whose best match is one counts neither way.
-    Boxes are COCO xywh in pixel extents (no VOC "+1"), as everywhere in this project.
-    """
-
-    def xyxy(boxes):
-        boxes = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
-        return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
-
-    table = {}
-    for label, name in enumerate(class_names, start=1):
-        truth = defaultdict(list)
-        for ann in annotations:
-            if ann["category_id"] == label:
-                truth[ann["image_id"]].append(ann)
-        gt_boxes = {image_id: xyxy([a["bbox"] for a in anns]) for image_id, anns in truth.items()}
-        matched = {image_id: [False] * len(anns) for image_id, anns in truth.items()}
-        num_positives = sum(not a["iscrowd"] for anns in truth.values() for a in anns)
-        hits = []  # 1 = true positive, 0 = false positive, in order of decreasing score
-        for det in sorted((d for d in detections if d["category_id"] == label), key=lambda d: -d["score"]):
-            anns = truth.get(det["image_id"], [])
-            if not anns:
-                hits.append(0)
-                continue
-            ious = box_iou(xyxy(det["bbox"]), gt_boxes[det["image_id"]])[0]
-            best = int(ious.argmax())
-            if ious[best] < 0.5:
-                hits.append(0)
-            elif anns[best]["iscrowd"]:
-                continue
-            else:
-                hits.append(0 if matched[det["image_id"]][best] else 1)
-                matched[det["image_id"]][best] = True
-        if num_positives == 0:
-            table[name] = float("nan")
-            continue
-        tp = np.cumsum(hits, dtype=np.float64)
-        recall = np.concatenate([[0.0], tp / num_positives, [1.0]])
-        precision = np.concatenate([[0.0], tp / np.maximum(np.arange(1, len(hits) + 1), 1), [0.0]])
-        precision = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
-        steps = np.nonzero(recall[1:] != recall[:-1])[0]
-        table[name] = float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
-    return table
-
-
-def _gather(per_image, flags=()):
+def gather_records(per_image, flags=()):
     """{image_id: (image entry, annotations, results)} and boolean `flags` of every rank, on rank 0 only ->
     (images, annotations, results, each flag true on every rank); None on the other ranks, which have nothing to
     score (a rank with no image to score sends an empty dict: every rank joins the same collectives)."""
@@ -356,13 +279,13 @@ def _gather(per_image, flags=()):
     return [r[0] for r in records], [a for r in records for a in r[1]], [d for r in records for d in r[2]], flags
 
 
-def _share(results, detections=True):
+def share(results, detections=True):
     """Rank 0's metrics on every rank (without the detections, which only rank 0 writes out)."""
     summary = utils.broadcast_from_main(results and {k: v for k, v in results.items() if k != "detections"})
     return results if results is not None else {**summary, **({"detections": []} if detections else {})}
 
 
-def _load_results(coco_gt, images, results, class_names):
+def load_results(coco_gt, images, results, class_names):
     with contextlib.redirect_stdout(io.StringIO()):
         # loadRes writes ids and areas into the dicts it gets (copies keep ours clean) and cannot take an empty
         # list: an untrained model still gets its (zero) table
@@ -379,7 +302,7 @@ def evaluate(
     class_names=None,
     amp_dtype=None,
     print_freq=50,
-    voc_metric=False,
+    scorers=(),
     show_dir=None,
     show_count=None,
     show_thresh=0.5,
@@ -388,9 +311,10 @@ def evaluate(
 
     Ground truth is built from the targets the loader yields, so any dataset that follows the contract works.
     Under torchrun each rank evaluates its share; results are gathered and the duplicates that the sampler's
-    padding adds are dropped, so the numbers equal a single-process evaluation. `voc_metric` adds Pascal VOC's
-    mAP@0.5 ("voc_mAP50", "voc_ap50_per_class"). `show_dir` receives drawn predictions (score >= show_thresh, ground
-    truth in red) of the first `show_count` images (all when None) as {image_id}.png. Returns
+    padding adds are dropped, so the numbers equal a single-process evaluation. Each of `scorers`, f(annotations,
+    detections, class_names) -> dict of more metrics, runs on rank 0 after COCOeval (voc_eval.score: VOC's mAP@0.5).
+    `show_dir` receives drawn predictions (score >= show_thresh, ground truth in red) of the first `show_count`
+    images (all when None) as {image_id}.png. Returns
     {"bbox": {"AP": .., "AP50": .., ...}, "bbox_per_class": {name: {"AP": .., "AP50": ..}}, ..., "detections": [...]}
     """
     model.eval()
@@ -398,37 +322,31 @@ def evaluate(
     if show_dir:
         os.makedirs(show_dir, exist_ok=True)
     per_image = {}  # image_id -> (image entry, ground-truth annotations, detections)
-    # A torchvision R-CNN pastes its masks through this one function; answer with cut masks (not under TTA, which
-    # averages probabilities)
-    plain = isinstance(getattr(model, "module", model), GeneralizedRCNN)
-    lean_masks = mock.patch(PASTE, paste_masks) if plain else contextlib.nullcontext()
     # segm / keypoints are scored when the model predicts them and the dataset has them
     score_masks = score_keypoints = True
     for images, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
-        images, targets, _ = _readable(images, targets)
+        images, targets, _ = readable(images, targets)
         if not images:
             continue
         images = [image.to(device, non_blocking=True) for image in images]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None), lean_masks:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = model(images)
         for image, target, output in zip(images, targets, outputs):
             output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
             score_masks = score_masks and "masks" in output and "masks" in target
             score_keypoints = score_keypoints and "keypoints" in output and "keypoints" in target
-            image_entry, anns = _ground_truth(target, *image.shape[-2:])
+            image_entry, anns = ground_truth(target, *image.shape[-2:])
             per_image[target["image_id"]] = (image_entry, anns, _detections(output, target["image_id"]))
             if show_dir and (show_count is None or len(per_image) <= show_count):
                 drawn = utils.draw_predictions(image, output, class_names or [], show_thresh, target=target)
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(
-                    os.path.join(show_dir, f"{target['image_id']}.png")
-                )
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(f"{show_dir}/{target['image_id']}.png")
 
-    gathered = _gather(per_image, (score_masks, score_keypoints))
-    return _share(_score(*gathered, class_names, voc_metric) if gathered is not None else None)
+    gathered = gather_records(per_image, (score_masks, score_keypoints))
+    return share(_score(*gathered, class_names, scorers) if gathered is not None else None)
 
 
-def _score(images, annotations, detections, flags, class_names, voc_metric):
-    """evaluate's COCO (and VOC) scoring of the gathered detections, on rank 0."""
+def _score(images, annotations, detections, flags, class_names, scorers):
+    """evaluate's COCO scoring (and `scorers`') of the gathered detections, on rank 0."""
     score_masks, score_keypoints = flags
     if class_names is None:
         class_names = [str(k) for k in range(1, max([a["category_id"] for a in annotations], default=0) + 1)]
@@ -436,7 +354,7 @@ def _score(images, annotations, detections, flags, class_names, voc_metric):
     coco_gt = coco_from_records(images, annotations, class_names)
     results = {"detections": detections}
     for iou_type in iou_types:
-        coco_eval = COCOeval(coco_gt, _load_results(coco_gt, images, detections, class_names), iou_type)
+        coco_eval = COCOeval(coco_gt, load_results(coco_gt, images, detections, class_names), iou_type)
         with contextlib.redirect_stdout(io.StringIO()):  # keep the summary, drop pycocotools' progress chatter
             coco_eval.evaluate()
             coco_eval.accumulate()
@@ -445,89 +363,6 @@ def _score(images, annotations, detections, flags, class_names, voc_metric):
         results[iou_type] = dict(zip(stat_names(iou_type), (float(s) for s in coco_eval.stats), strict=True))
         results[f"{iou_type}_per_class"] = per_class_ap(coco_eval, class_names)
         print(format_per_class(results[f"{iou_type}_per_class"], iou_type))
-    if voc_metric:
-        results["voc_ap50_per_class"] = voc_ap50(annotations, detections, class_names)
-        results["voc_mAP50"] = float(np.nanmean(list(results["voc_ap50_per_class"].values())))
-        print("VOC AP@0.5 per class (area under the interpolated precision-recall curve):")
-        for name, ap in results["voc_ap50_per_class"].items():
-            print(f"  {name:<24} {ap * 100:6.1f}")
-        print(f"  {'mAP@0.5':<24} {results['voc_mAP50'] * 100:6.1f}")
-    return results
-
-
-def rpn_proposals(model, images):
-    """Run `model` (eval mode) on `images`; its RPN's proposals, one [P, 4] XYXY per image in that image's pixels.
-
-    They come best objectness first (the RPN's filter_proposals sorts them; P <= its post_nms_top_n, 1000 by
-    default). The RPN sees the images as model.transform resized them, so they are mapped back as the model's
-    postprocess maps its detections.
-    """
-    rpn = (model.module if hasattr(model, "module") else model).rpn  # DDP keeps the model in .module
-    captured = []  # per RPN call: (proposals [P, 4] per image in resized pixels, resized (h, w) per image)
-    hook = rpn.register_forward_hook(lambda module, args, output: captured.append((output[0], args[0].image_sizes)))
-    try:
-        model(images)
-    finally:
-        hook.remove()
-    ((boxes, sizes),) = captured
-    return [resize_boxes(b.float(), size, image.shape[-2:]) for b, size, image in zip(boxes, sizes, images)]
-
-
-def _average_recall(coco_eval, area_index, max_dets_index):
-    # recall [IoU thresholds, 1 (any class), areas, max_dets]; -1 where that area has no ground truth
-    recall = coco_eval.eval["recall"][:, 0, area_index, max_dets_index]
-    return float(recall.mean()) if (recall > -1).all() else float("nan")
-
-
-@torch.inference_mode()
-def evaluate_proposals(model, data_loader, device, max_dets=(100, 300, 1000), amp_dtype=None, print_freq=50):
-    """Recall of the RPN's proposals against every ground-truth box, of any class: what the box head can still find.
-
-    COCOeval (bbox, useCats=0) matches each image's best N proposals (by objectness) to its boxes; AR is the recall
-    averaged over IoU .50:.95, as mmdetection's proposal metric. AR@N for N above the RPN's post_nms_top_n
-    (rpn_post_nms_top_n_test, 1000 by default) equals AR@post_nms_top_n. Under torchrun each rank scores its share
-    and results are gathered as in `evaluate`. Returns {"AR@100": .., "AR@300": .., "AR@1000": .., "AR_s@1000": ..,
-    "AR_m@1000": .., "AR_l@1000": ..} (small / medium / large objects: area < 32^2, < 96^2, above, in pixels).
-    """
-    model.eval()
-    metric_logger = utils.MetricLogger()
-    per_image = {}  # image_id -> (image entry, ground-truth annotations, proposals as COCO results)
-    for images, targets in metric_logger.log_every(data_loader, print_freq, "Proposals:"):
-        images, targets, _ = _readable(images, targets)
-        if not images:
-            continue
-        images = [image.to(device, non_blocking=True) for image in images]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            proposals = rpn_proposals(model, images)
-        for image, target, boxes in zip(images, targets, proposals):
-            # only the order matters to recall: score 1 for the best proposal, falling with the rank
-            scores = (1 - torch.arange(len(boxes)) / max(len(boxes), 1)).tolist()
-            results = [
-                {"image_id": target["image_id"], "category_id": 1, "bbox": box, "score": score}
-                for box, score in zip(_xywh(boxes), scores)
-            ]
-            per_image[target["image_id"]] = (*_ground_truth(target, *image.shape[-2:]), results)
-
-    gathered = _gather(per_image)
-    return _share(_score_proposals(*gathered[:3], max_dets) if gathered is not None else None, detections=False)
-
-
-def _score_proposals(images, annotations, proposals, max_dets):
-    """evaluate_proposals' recall of the gathered proposals, on rank 0."""
-    # the categories only have to exist: with useCats = 0 every proposal is matched against every box
-    num_labels = max([ann["category_id"] for ann in annotations], default=1)
-    class_names = [str(k) for k in range(1, num_labels + 1)]
-    coco_gt = coco_from_records(images, annotations, class_names)
-    coco_eval = COCOeval(coco_gt, _load_results(coco_gt, images, proposals, class_names), "bbox")
-    coco_eval.params.useCats = 0
-    coco_eval.params.maxDets = list(max_dets)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-    results = {f"AR@{n}": _average_recall(coco_eval, 0, m) for m, n in enumerate(max_dets)}
-    for area, size in ((1, "s"), (2, "m"), (3, "l")):  # COCOeval's area ranges: all, small, medium, large
-        results[f"AR_{size}@{max_dets[-1]}"] = _average_recall(coco_eval, area, len(max_dets) - 1)
-    print("Proposal recall (any class, averaged over IoU .50:.95):")
-    print("  " + " ".join(f"{name:>10}" for name in results))
-    print("  " + " ".join(f"{value * 100:10.1f}" for value in results.values()))
+    for scorer in scorers:
+        results.update(scorer(annotations, detections, class_names))
     return results

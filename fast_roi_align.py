@@ -31,6 +31,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor
+
+# Private torchvision helpers, checked against torchvision 0.29: _filter_input picks the pooled maps by name and
+# _setup_scales infers each map's scale and the level mapper. tests/test_roi_align.py compares this pooler with
+# torchvision's MultiScaleRoIAlign on several levels, so a change in either fails there.
 from torchvision.ops.poolers import MultiScaleRoIAlign, _filter_input, _setup_scales
 
 # The poolers a torchvision R-CNN may hold (attributes of model.roi_heads)

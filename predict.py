@@ -28,6 +28,7 @@ from torchvision.ops import box_convert
 from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil_image
 
 import models
+import train
 import utils
 from datasets.images import UnreadableImage, read_image
 
@@ -54,25 +55,13 @@ def load_model(checkpoint, device="cpu"):
             raise utils.SetupError(
                 f"no checkpoint {checkpoint} (nor MODEL:WEIGHTS naming one of {', '.join(models.TORCHVISION_MODELS)})"
             )
-        try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise utils.SetupError(f"cannot load checkpoint {checkpoint}: {e}") from e
-        if not isinstance(state, dict) or not {"class_names", "args"} <= state.keys():
-            raise utils.SetupError(
-                f"{checkpoint} is not a checkpoint written by train.py (no class_names / args); "
-                f"for torchvision's own weights pass MODEL:WEIGHTS, e.g. fasterrcnn_resnet50_fpn:DEFAULT"
-            )
-        class_names, args = list(state["class_names"]), state["args"]
-        # as train.py built it: input size, and the parts and anchors of a composed model
-        built = ("min_size", "max_size", "backbone", "neck", "anchor_sizes", "anchor_ratios")
-        sizes = {k: args.get(k) for k in built if args.get(k) is not None}
-        model = models.get_model(args["model"], num_classes=len(class_names) + 1, weights=checkpoint, **sizes)
+        hint = "for torchvision's own weights pass MODEL:WEIGHTS, e.g. fasterrcnn_resnet50_fpn:DEFAULT"
+        state = utils.load_checkpoint(checkpoint, "--checkpoint", hint)
+        class_names = list(state["class_names"])
+        model = train.model_from_checkpoint(state)  # as train.py built it: parts, anchors, input size
     model.class_names = class_names
-    model.to(device)
     # channels_last, folded BatchNorm and (CPU) the multi-threaded RoIAlign: faster, the same detections in fp32
-    models.fast_path(model, fast_roi_align=torch.device(device).type == "cpu")
-    return model.eval()
+    return train.prepare_model(model, torch.device(device)).eval()
 
 
 def to_image(image):
@@ -95,7 +84,7 @@ def predict(model, images, score_thresh=0.5, batch_size=4):
     device = next(model.parameters()).device
     # The model drops low scores itself before NMS and before pasting masks at full size: give it our threshold
     # (it may be below the one it was built with), so that work is done only for the detections we return.
-    detector = model.model if isinstance(model, models.TTA) else model
+    detector = getattr(model, "model", model)  # a tta.TTA holds the model
     detector = getattr(detector, "roi_heads", detector)  # RetinaNet and FCOS hold score_thresh themselves
     built_thresh, detector.score_thresh = detector.score_thresh, score_thresh
     results = []
@@ -200,7 +189,9 @@ def main(args):
     model = load_model(args.checkpoint, args.device)
     if args.tta != "none" or args.tta_scales:
         class_names = model.class_names
-        model = models.TTA(model, hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge).eval()
+        import tta  # test-time augmentation
+
+        model = tta.TTA(model, hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge).eval()
         model.class_names = class_names
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

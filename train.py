@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 2 train.py --dataset pennfudan ...          # several processes (GPUs or CPU)
 
 Everything a run writes goes to --output-dir: checkpoint.pth (latest), model_{epoch}.pth, best.pth, args.json,
-log.txt (the console) and log.jsonl (one JSON object per epoch).
+log.txt (the console) and log.jsonl (one JSON object per epoch). The extras (compose.py, speed.py, tta.py, ...) are
+imported where a flag asks for them.
 """
 
 import argparse
@@ -19,13 +20,16 @@ import torch
 
 import datasets
 import models
+import preemption
 import transforms
 import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
-from engine import evaluate, evaluate_proposals, train_one_epoch, validation_loss
+from engine import evaluate, train_one_epoch, validation_loss
 
-# Flags that shape the model: a --resume / --test-only run rebuilds it with the checkpoint's values
-STRUCTURE = ("model", "backbone", "neck", "anchor_sizes", "anchor_ratios")
+# --model names built from parts by compose.py (with --backbone and --neck)
+COMPOSED = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
+# train.py flags that are model constructor arguments (absent: the model's defaults)
+MODEL_OPTIONS = ("min_size", "max_size", "box_score_thresh", "backbone", "neck", "anchor_sizes", "anchor_ratios")
 
 
 def get_args_parser(add_help=True):
@@ -65,11 +69,12 @@ def get_args_parser(add_help=True):
                       help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS,
+    model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS + COMPOSED,
                        help="detector (default maskrcnn_resnet50_fpn)")
-    model.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
-                       help="for --model fasterrcnn/maskrcnn/retinanet/fcos: a classifier network (default resnet50)")
-    model.add_argument("--neck", default=None, choices=sorted(models.NECKS),
+    model.add_argument("--backbone", default=None,
+                       help="for --model fasterrcnn/maskrcnn/retinanet/fcos: an ImageNet classifier of "
+                            "compose.BACKBONES, e.g. resnet18, mobilenet_v3_large, convnext_tiny (default resnet50)")
+    model.add_argument("--neck", default=None, choices=("none", "fpn", "pafpn"),
                        help="with those models: none, fpn or pafpn (FPN + PANet's bottom-up path) (default fpn)")
     model.add_argument("--anchor-sizes", default=None, type=lambda s: [int(v) for v in s.split(",")],
                        help="anchor sizes in px at the model's input scale: one per feature map (5 with an FPN), or "
@@ -161,32 +166,72 @@ def get_datasets(args):
     val_tf = transforms.get_transform(train=False)
     split = dict(val_size=args.val_size, split_seed=args.split_seed)
     annotations = dict(train_ann=args.train_ann, val_ann=args.val_ann)
+    coco_images = dict(train_images=args.train_images, val_images=args.val_images)
     options = {
         "pennfudan": dict(**split, download=args.data_path is None),
         "coco": dict(
-            **annotations,
-            train_images=args.train_images,
-            val_images=args.val_images,
-            masks=args.model.startswith("maskrcnn"),
-            keep_empty=not args.drop_empty,
+            **annotations, **coco_images, masks=args.model.startswith("maskrcnn"), keep_empty=not args.drop_empty
         ),
         "voc": dict(**split, classes=args.classes, train_split=args.train_split, val_split=args.val_split),
         "custom": dict(**split, **annotations, classes=args.classes),
     }.get(args.dataset, dict(**annotations, classes=args.classes))  # a dataset you add: annotation files, classes
     if args.dataset in ("coco", "voc", "custom"):  # (boxes made from Penn-Fudan's masks are never degenerate)
         options["strict"] = args.strict
-    coco_files = (args.train_ann, args.val_ann, args.train_images, args.val_images)
-    if args.data_path is None and args.dataset != "pennfudan" and not (args.dataset == "coco" and all(coco_files)):
-        alternative = (
-            "; or all of --train-ann, --val-ann, --train-images, --val-images" if args.dataset == "coco" else ""
-        )
+    if (
+        args.data_path is None
+        and args.dataset != "pennfudan"
+        and not (args.dataset == "coco" and all(coco_images.values()) and all(annotations.values()))
+    ):
+        coco = "; or all of --train-ann, --val-ann, --train-images, --val-images" if args.dataset == "coco" else ""
         raise utils.SetupError(
-            f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder){alternative}"
+            f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder){coco}"
         )
     root = args.data_path or os.path.join("data", "PennFudanPed")
     train_set, val_set, class_names = datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
     if args.skip_bad_images:
-        train_set, val_set = datasets.SkipBadImages(train_set), datasets.SkipBadImages(val_set)
+        import skip_bad_images  # an unreadable image is skipped instead of stopping the run
+
+        train_set, val_set = skip_bad_images.wrap(train_set, val_set)
+    return train_set, val_set, class_names
+
+
+def load_data(args, local_rank, checkpoint, world_size):
+    """get_datasets, checked against the model; the COCO weights fetched too, so every missing file is reported at
+    once. Downloads (Penn-Fudan, COCO weights) run on one process per node; the others wait, then find the files."""
+    problems = []
+    with utils.local_main_first(local_rank):
+        try:
+            train_set, val_set, class_names = get_datasets(args)
+        except utils.SetupError as e:
+            problems.append(str(e))
+        if checkpoint is None and not args.load_from and args.model in models.TORCHVISION_MODELS:
+            try:
+                models.resolve_weights(args.model, args.weights)
+            except utils.SetupError as e:
+                problems.append(str(e))
+    if utils.any_rank(problems):  # every rank stops together, or those that could go on would wait forever
+        raise utils.SetupError("\n".join(problems) or "another process could not load the data or weights (above)")
+    print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
+    saved = checkpoint and checkpoint.get("class_names")
+    if saved is not None and list(saved) != list(class_names):  # its heads would score classes that mean others
+        raise utils.SetupError(
+            f"{args.resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
+            f"  Pass the same --classes, or start a new run from its weights with --load-from {args.resume}"
+        )
+    if args.model.startswith("maskrcnn") and not has_masks(train_set):
+        raise utils.SetupError(
+            f"{args.model} needs instance masks and this {args.dataset} dataset has boxes only; "
+            f"pick a box model, e.g. --model fasterrcnn_resnet50_fpn"
+        )
+    if args.model.startswith("keypointrcnn") and not getattr(train_set, "num_keypoints", 0):
+        raise utils.SetupError(f"{args.model} needs keypoints: pass a person_keypoints json (--train-ann/--val-ann)")
+    if len(train_set) < args.batch_size * world_size:
+        raise utils.SetupError(
+            f"{len(train_set)} training images cannot fill one batch of {args.batch_size} x {world_size} processes; "
+            f"lower --batch-size or --val-size"
+        )
+    if args.cache_images:
+        print(f"Cached the decoded images: {datasets.cache_images(train_set, val_set):.0f} MB")
     return train_set, val_set, class_names
 
 
@@ -208,52 +253,95 @@ def get_loaders(args, train_set, val_set, world_size, rank):
         batches = GroupedBatchSampler(train_sampler, groups, args.batch_size)
     else:
         batches = torch.utils.data.BatchSampler(train_sampler, args.batch_size, drop_last=True)
-    if world_size > 1:
-        val_sampler = torch.utils.data.DistributedSampler(val_set, world_size, rank, shuffle=False)
-    else:
-        val_sampler = torch.utils.data.SequentialSampler(val_set)
+    val_sampler = torch.utils.data.DistributedSampler(val_set, world_size, rank, shuffle=False)
+    val_sampler = val_sampler if world_size > 1 else torch.utils.data.SequentialSampler(val_set)
     common = dict(num_workers=args.workers, collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"))
-    common["worker_init_fn"] = utils.ignore_stop_signals  # a signal to the process group must reach main only
-    batches = utils.ResumableBatches(batches)  # skips the steps done before a mid-epoch stop
+    common["worker_init_fn"] = preemption.ignore_stop_signals  # a signal to the process group must reach main only
     # Its own generator (reseeded per epoch) seeds the workers, so starting an epoch draws nothing from torch's global
     # random stream: a mid-epoch resume restores that stream and continues it exactly.
-    generator = torch.Generator()
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, generator=generator, **common)
+    batches = preemption.ResumableBatches(batches)  # skips the steps done before a mid-epoch stop
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, generator=torch.Generator(), **common)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.eval_batch_size, sampler=val_sampler, **common)
     return train_loader, val_loader, train_sampler
 
 
-def get_model_options(args):
-    """Keyword arguments for the model: its parts, anchors, internal resize, score threshold (absent: its defaults)."""
-    sizes = {"min_size": args.min_size, "max_size": args.max_size, "box_score_thresh": args.box_score_thresh}
-    sizes.update(
-        backbone=args.backbone, neck=args.neck, anchor_sizes=args.anchor_sizes, anchor_ratios=args.anchor_ratios
-    )
-    return {k: v for k, v in sizes.items() if v is not None}
+def model_builder(name):
+    """models.py builds torchvision's named models; compose.py, an extra, the detectors composed from parts."""
+    if name in COMPOSED:
+        import compose  # backbone x neck x head
+
+        return compose
+    return models
 
 
-def build_model(args, num_classes, weights, device):
-    """The --model on `device`, with the fast path (channels_last, folded BatchNorm, --compile) applied."""
-    try:
-        model = models.get_model(
-            args.model,
-            num_classes=num_classes,  # your classes + background
-            weights=weights,
-            weights_backbone=None if args.weights_backbone == "none" else args.weights_backbone,
-            trainable_backbone_layers=args.trainable_backbone_layers,
-            **get_model_options(args),
-        )
-    except ValueError as e:  # parts that do not fit: anchors for another number of maps, --neck on a named model
-        raise utils.SetupError(str(e)) from e
-    if args.data_augmentation == "multiscale":  # training rescales by 0.6-1.0 of the model's size
+def get_model(args, num_classes, weights):
+    """The --model for `num_classes` from `weights` (--weights, or the --load-from file)."""
+    options = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
+    options.update(trainable_backbone_layers=args.trainable_backbone_layers)
+    backbone = None if args.weights_backbone == "none" else args.weights_backbone
+    return model_builder(args.model).get_model(args.model, num_classes, weights, backbone, **options)
+
+
+def model_from_checkpoint(checkpoint, **options):
+    """The model of a train.py checkpoint, rebuilt from its model_args (older checkpoints: from their args) and
+    loaded, on the CPU; `options` replace model_args (min_size, ...)."""
+    model_args = checkpoint.get("model_args")
+    if model_args is None:  # written before checkpoints kept model_args: what train.py was given
+        args = checkpoint["args"]
+        model_args = {k: args[k] for k in MODEL_OPTIONS if args.get(k) is not None}
+        model_args.update(name=args["model"], num_classes=len(checkpoint["class_names"]) + 1)
+        model_args.update(pretrained=models.pretrained_layout(checkpoint["model"]))
+        model_args.update(trainable_backbone_layers=args.get("trainable_backbone_layers"))
+    model_args = {**model_args, **options}
+    model = model_builder(model_args["name"]).build(**model_args)
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
+def prepare_model(
+    model, device, multiscale=False, channels_last=True, fold_bn=True, fast_roi_align=True, compile=False
+):
+    """`model` on `device`, to train or evaluate: --data-augmentation multiscale, box arithmetic in fp32 under autocast,
+    the speed path (same results: channels_last, BatchNorm folding, CPU RoIAlign) and --compile."""
+    if multiscale:  # training rescales by 0.6-1.0 of the model's size
         if not hasattr(model, "transform") or not hasattr(model.transform, "resize"):
-            raise utils.SetupError(f"--data-augmentation multiscale needs an R-CNN-style resize; {args.model} has none")
+            raise utils.SetupError(
+                f"--data-augmentation multiscale needs an R-CNN-style resize; {type(model).__name__} has none"
+            )
         model.transform = transforms.MultiScaleResize(model.transform)
+    models.float32_boxes(model)
     model.to(device)
-    fast_roi_align = args.fast_roi_align and device.type == "cpu"  # on CUDA torchvision's kernel is the fast one
-    models.fast_path(model, channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=fast_roi_align)
-    if args.compile:
+    import speed  # the speed path; without it the model runs as torchvision ships it
+
+    speed.fast_path(model, channels_last, fold_bn, fast_roi_align and device.type == "cpu")  # CUDA's RoIAlign is fast
+    if compile:
         model.backbone.compile()  # in place: the state dict keeps its keys (torch.compile(m) would prefix them)
+    return model
+
+
+def create_model(args, num_classes, checkpoint, device, local_rank):
+    """The model, ready on `device`: rebuilt from the --resume checkpoint, else from --load-from or --weights.
+    Backbone weights download here, once per node; a failure on any rank stops every rank."""
+    model, problem = None, None
+    with utils.local_main_first(local_rank):
+        try:
+            if checkpoint is not None:  # the whole model is in it: no download
+                sizes = {
+                    k: getattr(args, k)
+                    for k in ("min_size", "max_size", "box_score_thresh")
+                    if getattr(args, k) is not None
+                }
+                model = model_from_checkpoint(checkpoint, **sizes)
+            else:
+                model = get_model(args, num_classes, args.load_from or args.weights)
+            speed = dict(channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=args.fast_roi_align)
+            prepare_model(model, device, args.data_augmentation == "multiscale", **speed, compile=args.compile)
+        except ValueError as e:  # parts that do not fit: anchors for another number of maps, --neck on a named model
+            problem = str(e)
+        except utils.SetupError as e:
+            problem = str(e)
+    if utils.any_rank(problem):
+        raise utils.SetupError(problem or "another process could not build the model (above)")
     return model
 
 
@@ -306,6 +394,27 @@ def find_resume(args):
     return resume
 
 
+def resume_from(checkpoint, args, optimizer, lr_scheduler, scaler):
+    """Restore the optimizer, schedule and scaler (not for --test-only); returns (epoch, step, best AP, rng)."""
+    if not args.test_only:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+    best_ap, first_step, rng = checkpoint.get("best_ap", -1.0), checkpoint.get("step") or 0, checkpoint.get("rng")
+    start_epoch = checkpoint["epoch"] + (0 if first_step else 1)  # a stopped epoch continues at its next step
+    if args.test_only:
+        print(f"Testing {args.resume} (epoch {checkpoint['epoch']}{f', step {first_step}' if first_step else ''})")
+    else:
+        print(f"Resumed from {args.resume}: continuing at epoch {start_epoch}, step {first_step}")
+    if args.load_from:
+        print(f"Note: --resume auto found a checkpoint, so --load-from {args.load_from} is not used")
+    planned = checkpoint.get("args", {}).get("epochs", args.epochs)
+    if planned != args.epochs and not args.test_only:
+        print(f"Note: the run was planned for {planned} epochs and now runs to {args.epochs}")
+    return start_epoch, first_step, best_ap, rng
+
+
 def check_args(args):
     """Flag combinations that cannot work, refused before any heavy work."""
     if args.test_only and not args.resume and str(args.weights).lower() in ("none", "default"):
@@ -320,30 +429,19 @@ def check_args(args):
         raise utils.SetupError(f"--eval proposal and --tta need a two-stage R-CNN; {args.model} has no RPN / RoI heads")
     if args.amp_dtype == "fp16" and not args.device.startswith("cuda"):
         raise utils.SetupError("--amp-dtype fp16 needs CUDA; on CPU use --amp (bf16) or leave it off (fp32)")
+    if args.model.startswith("keypointrcnn") and args.data_augmentation == "lsj":
+        raise utils.SetupError("--data-augmentation lsj does not move keypoints; use hflip or photometric")
 
 
 def main(args):
     check_args(args)
-    distributed, rank, world_size, local_rank = utils.init_distributed_mode(args.device)
-    device = torch.device(args.device)  # --device cuda:1 in one process is that GPU
-    if device.type == "cuda":
-        if distributed or device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())  # the local rank's, set by init
-        torch.cuda.set_device(device)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-    restore_print = utils.setup_logging(rank == 0, os.path.join(args.output_dir, "log.txt"))
-    stop = utils.StopSignals()
-    try:
-        return _run(args, distributed, rank, world_size, local_rank, device, stop)
-    finally:
-        stop.restore()
-        restore_print()
-        if distributed:
-            torch.distributed.destroy_process_group()
+    with utils.distributed_run(args.device, args.output_dir) as (device, rank, world_size, local_rank):
+        with preemption.StopSignals() as stop:
+            return train(args, device, rank, world_size, local_rank, stop)
 
 
-def _run(args, distributed, rank, world_size, local_rank, device, stop):
+def train(args, device, rank, world_size, local_rank, stop):
+    """The recipe: data -> model -> optimizer and schedule -> resume -> test-only -> epochs."""
     if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
         args.lr = 0.005 * world_size * args.batch_size / 2
         print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images / 2 = {args.lr:g} (linear scaling)")
@@ -352,68 +450,23 @@ def _run(args, distributed, rank, world_size, local_rank, device, stop):
     utils.seed_everything(args.seed + rank)
 
     print("Loading data")
-    resume = find_resume(args)
-    # Fetch (or find) the data and the weights before anything else, and report every missing one at once.
-    # Downloads (Penn-Fudan, COCO weights) run on one process per node; the others wait, then find the files.
-    problems = []
-    with utils.local_main_first(local_rank):
-        try:
-            train_set, val_set, class_names = get_datasets(args)
-        except utils.SetupError as e:
-            problems.append(str(e))
-        if not resume and not args.load_from and args.model in models.TORCHVISION_MODELS:
-            try:
-                models.resolve_weights(args.model, args.weights)
-            except utils.SetupError as e:
-                problems.append(str(e))
-    if utils.any_rank(problems):  # every rank stops together, or those that could go on would wait forever
-        raise utils.SetupError("\n".join(problems) or "another process could not load the data or weights (above)")
-    print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
-    if resume:  # continuing or evaluating a checkpoint of other classes would score heads that mean something else
-        saved, built = load_checkpoint(resume).get("class_names"), load_checkpoint(resume).get("args", {})
-        for key in STRUCTURE:  # the model is rebuilt as the checkpoint's run built it
-            if key in built and built[key] != getattr(args, key):
-                print(f"Note: {resume} was trained with --{key.replace('_', '-')} {built[key]}: using that")
-                setattr(args, key, built[key])
-        if saved is not None and list(saved) != list(class_names):
-            raise utils.SetupError(
-                f"{resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
-                f"  Pass the same --classes, or start a new run from its weights with --load-from {resume}"
-            )
-    if args.model.startswith("maskrcnn") and not has_masks(train_set):
-        raise utils.SetupError(
-            f"{args.model} needs instance masks and this {args.dataset} dataset has boxes only; "
-            f"pick a box model, e.g. --model fasterrcnn_resnet50_fpn"
-        )
-    if args.model.startswith("keypointrcnn") and not getattr(train_set, "num_keypoints", 0):
-        raise utils.SetupError(f"{args.model} needs keypoints: pass a person_keypoints json (--train-ann/--val-ann)")
-    if args.model.startswith("keypointrcnn") and args.data_augmentation == "lsj":
-        raise utils.SetupError("--data-augmentation lsj does not move keypoints; use hflip or photometric")
-    if len(train_set) < args.batch_size * world_size:
-        raise utils.SetupError(
-            f"{len(train_set)} training images cannot fill one batch of {args.batch_size} x {world_size} processes; "
-            f"lower --batch-size or --val-size"
-        )
-    if args.cache_images:
-        print(f"Cached the decoded images: {datasets.cache_images(train_set, val_set):.0f} MB")
+    resume = args.resume = find_resume(args)
+    checkpoint = utils.load_checkpoint(resume) if resume else None
+    saved_model = checkpoint and checkpoint.get("model_args", checkpoint["args"])
+    if saved_model and saved_model.get("name", saved_model.get("model")) != args.model:  # rebuilt as it was trained
+        args.model = saved_model.get("name", saved_model.get("model"))
+        print(f"Note: {resume} holds a {args.model} model: using that")
+    train_set, val_set, class_names = load_data(args, local_rank, checkpoint, world_size)
     train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
 
     print("Creating model")
-    # A checkpoint holds the whole model, so resuming rebuilds from it and needs no COCO download.
-    model, problem = None, None
-    with utils.local_main_first(local_rank):  # backbone weights download here, once per node
-        try:
-            model = build_model(args, len(class_names) + 1, resume or args.load_from or args.weights, device)
-        except utils.SetupError as e:
-            problem = str(e)
-    if utils.any_rank(problem):
-        raise utils.SetupError(problem or "another process could not build the model (above)")
-    if distributed and args.sync_bn:
+    model = create_model(args, len(class_names) + 1, checkpoint, device, local_rank)  # classes + background
+    if world_size > 1 and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
     model_without_ddp = model
-    if distributed:
+    if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.index is not None else None
+            model, device_ids=None if device.index is None else [device.index]
         )
         model_without_ddp = model.module
 
@@ -423,107 +476,72 @@ def _run(args, distributed, rank, world_size, local_rank, device, stop):
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     start_epoch, first_step, best_ap, rng = 0, 0, -1.0, None
-    if resume:
-        checkpoint = load_checkpoint(resume)
-        if not args.test_only:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-            if scaler is not None and checkpoint.get("scaler"):
-                scaler.load_state_dict(checkpoint["scaler"])
-        best_ap, first_step, rng = checkpoint.get("best_ap", -1.0), checkpoint.get("step") or 0, checkpoint.get("rng")
-        start_epoch = checkpoint["epoch"] + (0 if first_step else 1)  # a stopped epoch continues at its next step
-        if args.test_only:
-            print(f"Testing {resume} (epoch {checkpoint['epoch']}{f', step {first_step}' if first_step else ''})")
-        else:
-            print(f"Resumed from {resume}: continuing at epoch {start_epoch}, step {first_step}")
-        if args.load_from:
-            print(f"Note: --resume auto found a checkpoint, so --load-from {args.load_from} is not used")
-        planned = checkpoint.get("args", {}).get("epochs", args.epochs)
-        if planned != args.epochs and not args.test_only:
-            print(f"Note: the run was planned for {planned} epochs and now runs to {args.epochs}")
+    if checkpoint is not None:
+        start_epoch, first_step, best_ap, rng = resume_from(checkpoint, args, optimizer, lr_scheduler, scaler)
 
-    eval_options = dict(class_names=class_names, amp_dtype=amp_dtype, voc_metric=args.dataset == "voc")
+    def evaluation(final, show_dir=None):
+        return run_evaluation(
+            args, model, model_without_ddp, val_loader, device, class_names, amp_dtype, final, show_dir
+        )
+
     if args.test_only:
-        metrics = run_evaluation(args, model, model_without_ddp, val_loader, device, eval_options, True, args.show_dir)
+        metrics = evaluation(final=True, show_dir=args.show_dir)
         write_detections(args.out, metrics, val_set)
         return metrics
 
-    def checkpoint_state(epoch, step=None):
+    def state(epoch, step=None):  # a checkpoint: plain values only, so it loads with weights_only=True
         return {
-            "model": model_without_ddp.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "step": step,  # steps done in `epoch` when it was stopped midway, else None
-            "rng": utils.rng_state() if step else None,  # continues the augmentation stream of that epoch
-            "best_ap": best_ap,
-            "class_names": list(class_names),
-            "args": {k: v for k, v in vars(args).items()},  # plain values only: loads with weights_only=True
-        }
+            "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch, "step": step, "rng": preemption.rng_state() if step else None,  # a stopped epoch's
+            "best_ap": best_ap, "class_names": list(class_names), "args": vars(args),
+            "model_args": model_without_ddp.model_args,  # what model_from_checkpoint rebuilds it from
+        }  # fmt: skip
 
     log_file = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     print("Start training")
-    start_time, train_seconds = time.time(), 0.0
-    metrics = {}
+    start_time, train_seconds, metrics = time.time(), 0.0, {}
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         train_loader.generator.manual_seed(args.seed + 1000 * epoch + rank)
         if first_step:  # resumed mid-epoch: skip the steps done, continue the random stream where it stopped
-            train_loader.batch_sampler.skip = first_step
-            utils.set_rng_state(rng)
+            preemption.continue_epoch(train_loader, first_step, rng)
         else:
             # Reseed per epoch so the augmentation stream depends on (seed, epoch) only, not on what ran before:
             # a run resumed at this epoch sees the same random flips as one that never stopped.
             utils.seed_everything(args.seed + 1000 * epoch + rank)
-        steps_in_epoch = first_step + len(train_loader)
-        epoch_start = time.time()
+        steps_in_epoch, epoch_start = first_step + len(train_loader), time.time()
+        loop = dict(log_file=log_file, first_step=first_step, should_stop=stop, max_nonfinite=args.skip_nonfinite)
         train_stats = train_one_epoch(
-            model,
-            optimizer,
-            train_loader,
-            device,
-            epoch,
-            args.print_freq,
-            scaler,
-            amp_dtype,
-            log_file=log_file,
-            first_step=first_step,
-            should_stop=stop,
-            max_nonfinite=args.skip_nonfinite,
+            model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype, **loop
         )
-        first_step = 0
-        train_seconds += time.time() - epoch_start
+        first_step, train_seconds = 0, train_seconds + time.time() - epoch_start
         if train_stats["steps"] < steps_in_epoch:  # a signal arrived: save where we are and leave
-            save_checkpoint(checkpoint_state(epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth")
-            print(
-                f"Stopped at epoch {epoch}, step {train_stats['steps']} of {steps_in_epoch}: "
-                f"{args.output_dir}/checkpoint.pth saved; continue with --resume auto"
-            )
+            utils.save_checkpoint(state(epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth")
+            print(f"Stopped at epoch {epoch}, step {train_stats['steps']} of {steps_in_epoch}: "
+                  f"{args.output_dir}/checkpoint.pth saved; continue with --resume auto")  # fmt: skip
             return {}
         lr_scheduler.step()
 
         metrics, val_loss = {}, {}
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
             last = epoch + 1 == args.epochs
-            show = os.path.join(args.output_dir, "val_images") if last and rank == 0 else None
-            metrics = run_evaluation(args, model, model_without_ddp, val_loader, device, eval_options, last, show)
+            metrics = evaluation(last, os.path.join(args.output_dir, "val_images") if last and rank == 0 else None)
             if args.val_loss:
                 val_loss = validation_loss(model_without_ddp, val_loader, device, amp_dtype)
                 print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
         ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))  # best.pth picks
-        is_best = ap > best_ap
-        best_ap = max(best_ap, ap)
+        is_best, best_ap = ap > best_ap, max(best_ap, ap)
 
-        state = checkpoint_state(epoch)
-        save_checkpoint(state, args.output_dir, "checkpoint.pth")
+        checkpoint = state(epoch)
+        utils.save_checkpoint(checkpoint, args.output_dir, "checkpoint.pth")
         if (epoch + 1) % args.save_interval == 0:
-            save_checkpoint(state, args.output_dir, f"model_{epoch}.pth")
+            utils.save_checkpoint(checkpoint, args.output_dir, f"model_{epoch}.pth")
         if is_best:
-            save_checkpoint(state, args.output_dir, "best.pth")
+            utils.save_checkpoint(checkpoint, args.output_dir, "best.pth")
         # rss_mb: this process's memory after the epoch, so a leak shows as growth from one epoch to the next
         log = {"epoch": epoch, "train": train_stats, "val_loss": val_loss, "rss_mb": utils.current_rss_mb()}
         log.update({k: v for k, v in metrics.items() if k != "detections"})
@@ -538,104 +556,34 @@ def _run(args, distributed, rank, world_size, local_rank, device, stop):
     print(f"Training time {datetime.timedelta(seconds=int(total))}")
     write_detections(args.out, metrics, val_set)
     if rank == 0 and args.epochs > start_epoch:
+        import report  # report.md: metrics, curves, drawn validation images, throughput
+
         images = (args.epochs - start_epoch) * len(train_loader) * args.batch_size * world_size
-        write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
+        report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
     return metrics
 
 
-def run_evaluation(args, model, model_without_ddp, val_loader, device, eval_options, final, show_dir=None):
+def run_evaluation(args, model, model_without_ddp, val_loader, device, class_names, amp_dtype, final, show_dir=None):
     """The --eval metrics; on the `final` evaluation the --tta ones too, under "tta", with the AP they change."""
     metrics = {}
-    show = dict(show_dir=show_dir, show_count=None if args.test_only else args.report_images)
+    options = dict(class_names=class_names, amp_dtype=amp_dtype)
+    if args.dataset == "voc":
+        import voc_eval  # VOC's mAP@0.5 next to COCO's AP
+
+        options["scorers"] = [voc_eval.score]
     if "bbox" in args.eval:
-        metrics = evaluate(model, val_loader, device, **eval_options, **show)
+        show = dict(show_dir=show_dir, show_count=None if args.test_only else args.report_images)
+        metrics = evaluate(model, val_loader, device, **options, **show)
     if "proposal" in args.eval:
-        metrics["proposal"] = evaluate_proposals(model, val_loader, device, amp_dtype=eval_options["amp_dtype"])
+        import proposals  # the RPN's recall, to tune anchors
+
+        metrics["proposal"] = proposals.evaluate_proposals(model, val_loader, device, amp_dtype=amp_dtype)
     if final and "bbox" in args.eval and (args.tta != "none" or args.tta_scales):
-        # each process wraps its own replica (not DDP's wrapper); evaluate() gathers the merged detections
-        tta = models.TTA(model_without_ddp, hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
-        print(f"Test-time augmentation: hflip {args.tta == 'hflip'}, scales {args.tta_scales or 'the model size'}")
-        tta_metrics = evaluate(tta, val_loader, device, **eval_options)
-        metrics["tta"] = {k: v for k, v in tta_metrics.items() if k != "detections"}
-        for iou_type in ("bbox", "segm", "keypoints"):
-            if iou_type in metrics:
-                # the difference of the printed numbers, so that the line adds up
-                before, after = (round(m[iou_type]["AP"] * 100, 1) for m in (metrics, metrics["tta"]))
-                print(f"{iou_type} AP without TTA {before:.1f}, with TTA {after:.1f} ({after - before:+.1f})")
+        import tta  # test-time augmentation
+
+        views = dict(hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
+        tta.evaluate_with_tta(model_without_ddp, val_loader, device, metrics, **views, **options)
     return metrics
-
-
-def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
-    """output-dir/report.md: the final metrics, per-class AP, curves, a few drawn validation images, timing, args."""
-    out = args.output_dir
-    lines = [f"# {args.model} on {args.dataset}", ""]
-    for iou_type in ("bbox", "segm", "keypoints"):
-        if iou_type in metrics:
-            lines += [f"## {iou_type} (COCO)", "", "| " + " | ".join(metrics[iou_type]) + " |"]
-            lines += [
-                "|" + "---|" * len(metrics[iou_type]),
-                "| " + " | ".join(f"{v * 100:.1f}" for v in metrics[iou_type].values()) + " |",
-                "",
-            ]
-            lines += ["| class | AP | AP50 |", "|---|---|---|"]
-            lines += [
-                f"| {n} | {v['AP'] * 100:.1f} | {v['AP50'] * 100:.1f} |"
-                for n, v in metrics[f"{iou_type}_per_class"].items()
-            ]
-            lines.append("")
-    if "voc_mAP50" in metrics:
-        lines += [f"VOC mAP@0.5: {metrics['voc_mAP50'] * 100:.1f}", ""]
-    if utils.plot_curves([log_file], os.path.join(out, "curves.png"), names=[args.model]):
-        lines += ["## Curves", "", "![curves](curves.png)", ""]
-    drawn = (
-        sorted(os.listdir(os.path.join(out, "val_images"))) if os.path.isdir(os.path.join(out, "val_images")) else []
-    )
-    if drawn:
-        lines += ["## Validation images (prediction green, ground truth red)", ""]
-        lines += [f"![{name}](val_images/{name})" for name in drawn] + [""]
-    memory, on_gpu = utils.peak_memory_mb(args.device), args.device.startswith("cuda")
-    lines += [
-        "## Run",
-        "",
-        f"- training: {train_images_per_s:.2f} images/s; total time {datetime.timedelta(seconds=int(total_seconds))}",
-    ]
-    lines += [f"- peak memory: {memory:.0f} MB ({'GPU allocated' if on_gpu else 'process RSS'})", ""]
-    lines += ["```json", json.dumps(vars(args), indent=2), "```", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines))
-    print(f"Wrote {os.path.join(out, 'report.md')}")
-
-
-def load_checkpoint(path):
-    """A checkpoint of this project: only tensors and plain data are unpickled, so a file cannot run code."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or an old-style pickle
-        raise utils.SetupError(f"--resume {path} is not a PyTorch file; pass a checkpoint.pth written by train.py")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        reason = next((line.strip() for line in lines if "error" in line.lower()), lines[0])  # weights_only's why
-        raise utils.SetupError(f"cannot load checkpoint {path}: {reason}") from e
-    if isinstance(checkpoint, dict) and {"model", "epoch"} <= checkpoint.keys():
-        return checkpoint
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        what = "holds a bare state dict (weights only)"
-    else:
-        what = f"holds a {type(checkpoint).__name__}, not a train.py checkpoint (model, optimizer, epoch, ...)"
-    raise utils.SetupError(f"--resume {path} {what}; to start from its weights pass --load-from {path}")
-
-
-def save_checkpoint(state, output_dir, name):
-    """Atomic write on rank 0; a full disk stops the run with the fix, the previous file left intact."""
-    path = os.path.join(output_dir, name)
-    try:
-        utils.save_on_master(state, path)
-    except OSError as e:
-        raise utils.SetupError(
-            f"could not write {path} ({e}); the previous {name} is intact. Free disk space, then --resume auto"
-        ) from e
 
 
 def write_detections(path, metrics, dataset):

@@ -6,13 +6,9 @@ returns its input and `all_gather` returns a one-element list.
 
 import contextlib
 import datetime
-import itertools
-import json
 import os
 import random
-import signal
 import subprocess
-import threading
 import time
 from collections import defaultdict, deque
 
@@ -39,7 +35,7 @@ class SmoothedValue:
         """Sum count and total over ranks so `global_avg` is the average of the whole run (the window stays local)."""
         if get_world_size() == 1:
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_collective_device())
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
         dist.all_reduce(t)
         self.count, self.total = int(t[0].item()), t[1].item()
 
@@ -180,7 +176,7 @@ def save_on_master(obj, path):
         atomic_save(obj, path)
 
 
-def _collective_device():
+def collective_device():
     # nccl only moves CUDA tensors, gloo only CPU ones
     return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -192,7 +188,7 @@ def reduce_dict(input_dict, average=True):
         return input_dict
     with torch.no_grad():
         names = sorted(input_dict)
-        values = torch.stack([input_dict[k].detach().float() for k in names]).to(_collective_device())
+        values = torch.stack([input_dict[k].detach().float() for k in names]).to(collective_device())
         dist.all_reduce(values)
         if average:
             values /= world_size
@@ -230,7 +226,7 @@ def any_rank(flag):
     """True on every rank if `flag` is true on any: a decision all processes take together."""
     if get_world_size() == 1:
         return bool(flag)
-    tensor = torch.tensor([float(bool(flag))], device=_collective_device())
+    tensor = torch.tensor([float(bool(flag))], device=collective_device())
     dist.all_reduce(tensor)
     return tensor.item() > 0
 
@@ -291,6 +287,27 @@ def init_distributed_mode(device="cuda", dist_url="env://"):
     dist.init_process_group(backend=backend, init_method=dist_url, world_size=world_size, rank=rank)
     dist.barrier()
     return True, rank, world_size, local_rank
+
+
+@contextlib.contextmanager
+def distributed_run(device="cuda", output_dir="."):
+    """Set up a run: join the process group (torchrun / srun), pick the device, print on rank 0 only (also to
+    output_dir/log.txt); yields (device, rank, world_size, local_rank) and undoes it all at the end."""
+    distributed, rank, world_size, local_rank = init_distributed_mode(device)
+    device = torch.device(device)  # --device cuda:1 in one process is that GPU
+    if device.type == "cuda":
+        if distributed or device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # the local rank's, set by init
+        torch.cuda.set_device(device)
+    if rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+    restore_print = setup_logging(rank == 0, os.path.join(output_dir, "log.txt"))
+    try:
+        yield device, rank, world_size, local_rank
+    finally:
+        restore_print()
+        if distributed:
+            dist.destroy_process_group()
 
 
 class SetupError(Exception):
@@ -399,148 +416,34 @@ def current_rss_mb():
         return peak_memory_mb("cpu")
 
 
-def read_log(path):
-    """log.jsonl -> (per-epoch records, per-iteration records); a half-written last line (a killed run) is skipped."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return [r for r in records if "iter" not in r], [r for r in records if "iter" in r]
+def load_checkpoint(path, flag="--resume", fix=None):
+    """A checkpoint of this project: only tensors and plain data are unpickled, so a file cannot run code. Errors
+    name the file as given with `flag`, and say what to do (`fix`; default: start from its weights)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or an old-style pickle
+        raise SetupError(f"{flag} {path} is not a PyTorch file; pass a checkpoint.pth written by train.py")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        reason = next((line.strip() for line in lines if "error" in line.lower()), lines[0])  # weights_only's why
+        raise SetupError(f"cannot load checkpoint {path}: {reason}") from e
+    if isinstance(checkpoint, dict) and {"model", "epoch"} <= checkpoint.keys():
+        return checkpoint
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        what = "holds a bare state dict (weights only)"
+    else:
+        what = f"holds a {type(checkpoint).__name__}, not a train.py checkpoint (model, optimizer, epoch, ...)"
+    raise SetupError(f"{flag} {path} {what}; {fix or f'to start from its weights pass --load-from {path}'}")
 
 
-def plot_curves(log_files, out_file, names=None):
-    """One PNG of every run's training losses, lr and validation AP over epochs. Returns False without matplotlib
-    (an optional dependency)."""
-    try:  # a Figure drawn on an Agg canvas: no display needed, and pyplot's global backend is left alone
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-    runs = [(name, *read_log(path)) for name, path in zip(names or map(str, log_files), log_files)]
-    loss_names = sorted(
-        {k for _, epochs, _ in runs for r in epochs for k in r.get("train", {}) if k.startswith("loss")}
-    )
-    panels = [*loss_names, "lr", "AP"]
-    cols, rows = 3, (len(panels) + 2) // 3
-    fig = Figure(figsize=(5 * cols, 3.2 * rows))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, panel in zip(axes.flat, panels):
-        for run, (name, epochs, iters) in enumerate(runs):
-            color = f"C{run}"  # one colour per run in every panel
-            if panel == "AP":
-                for iou_type in ("bbox", "segm"):
-                    points = [(r["epoch"] + 1, r[iou_type]["AP"]) for r in epochs if iou_type in r]
-                    if points:
-                        ax.plot(
-                            *zip(*points),
-                            marker="o" if iou_type == "bbox" else "s",
-                            color=color,
-                            label=f"{name} {iou_type}",
-                        )
-                continue
-            steps = [r for r in iters if panel in r]
-            if steps:  # x in epochs: iteration i of epoch e sits at e + i / iterations per epoch
-                per_epoch = max(r["iter"] for r in steps) + 1
-                x = [r["epoch"] + r["iter"] / per_epoch for r in steps]
-                ax.plot(x, [r[panel] for r in steps], alpha=0.35, color=color)
-            points = [(r["epoch"] + 1, r["train"][panel]) for r in epochs if panel in r.get("train", {})]
-            if points:
-                ax.plot(*zip(*points), marker="o", color=color, label=f"{name} train")
-            val = [(r["epoch"] + 1, r["val_loss"][panel]) for r in epochs if panel in (r.get("val_loss") or {})]
-            if val:
-                ax.plot(*zip(*val), marker="s", linestyle="--", color=color, label=f"{name} val")
-        ax.set_title(panel)
-        ax.set_xlabel("epoch")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=80)
-    return True
-
-
-class StopSignals:
-    """SIGTERM, SIGINT and SIGUSR1 (what SLURM, torchrun and Ctrl-C send) ask the run to stop after the current step.
-
-    Calling the object tells whether any rank got one, so all ranks stop at the same step; a second Ctrl-C stops
-    at once. `restore()` puts the previous handlers back.
-    """
-
-    NAMES = ("SIGTERM", "SIGINT", "SIGUSR1")
-
-    def __init__(self):
-        self.received = None
-        self.previous = {name: signal.signal(getattr(signal, name), self._handle) for name in self.NAMES}
-
-    def _handle(self, signum, frame):
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        print(f"{self.received} received: stopping after this step, with a checkpoint to resume from", flush=True)
-
-    def __call__(self):
-        flag = self.received is not None
-        if get_world_size() > 1:
-            flag_tensor = torch.tensor([float(flag)], device=_collective_device())
-            dist.all_reduce(flag_tensor)
-            flag = flag_tensor.item() > 0
-        return flag
-
-    def restore(self):
-        for name, handler in self.previous.items():
-            signal.signal(getattr(signal, name), handler)
-
-
-def ignore_stop_signals(worker_id=None):
-    """DataLoader workers' worker_init_fn: stop signals are the main process's to handle. SLURM, `timeout`, systemd
-    and Ctrl-C signal the whole process group, and torch's workers die of SIGTERM, which ends the run without a
-    checkpoint; ignoring the signals here, the main process finishes its step, saves and shuts the workers down.
-
-    The main process itself ends workers with SIGTERM (at exit, after an error), and that one must still work. A
-    Python handler cannot see who sent a signal, so SIGTERM is blocked and a thread reads each one with its sender.
-    """
-    for name in ("SIGINT", "SIGUSR1"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the block
-
-    def wait_for_sigterm():
-        while True:
-            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
-                os._exit(0)  # what torch's own worker handler does when its parent asks
-
-    threading.Thread(target=wait_for_sigterm, daemon=True).start()
-
-
-class ResumableBatches(torch.utils.data.Sampler):
-    """A batch sampler whose next pass starts `skip` batches in: a run resumed mid-epoch continues where it stopped,
-    with the epoch's order unchanged and without loading the batches it skips (only indices are drawn)."""
-
-    def __init__(self, batch_sampler):
-        self.batch_sampler, self.skip = batch_sampler, 0
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.batch_sampler), skip, None)
-
-    def __len__(self):
-        return len(self.batch_sampler) - self.skip
-
-
-def rng_state():
-    """Python, NumPy and torch CPU generator states as tensors and plain data (a checkpoint loads weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos}
-    numpy_state.update(has_gauss=has_gauss, cached=cached)
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state):
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
+def save_checkpoint(state, output_dir, name):
+    """Atomic write on rank 0; a full disk stops the run with the fix, the previous file left intact."""
+    path = os.path.join(output_dir, name)
+    try:
+        save_on_master(state, path)
+    except OSError as e:
+        raise SetupError(
+            f"could not write {path} ({e}); the previous {name} is intact. Free disk space, then --resume auto"
+        ) from e

@@ -19,77 +19,15 @@ To train on your own data, write a Dataset class that returns the contract above
 import warnings
 from pathlib import Path
 
-import torch
-
 from utils import SetupError
 
 from .coco import CocoDetection, placeholder_categories
+from .common import Subset, choose_val_size, random_split, read_classes
 from .custom import CustomDataset
 from .images import cache_images  # noqa: F401 - datasets.cache_images
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
 from .pennfudan import PennFudanDataset
-from .voc import VOC_CLASSES, VOCDetection, list_annotation_ids, read_classes
-
-
-class Subset(torch.utils.data.Subset):
-    """torch's Subset, plus `get_height_and_width` passed through to the full dataset."""
-
-    def get_height_and_width(self, idx):
-        return self.dataset.get_height_and_width(self.indices[idx])
-
-
-class SkipBadImages(torch.utils.data.Dataset):
-    """Wraps a dataset: a sample whose image cannot be read becomes (None, None), which the training and evaluation
-    loops leave out and count, instead of stopping the run (--skip-bad-images). Each skip is reported once."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):  # get_height_and_width, label_to_category_id, ... of the wrapped dataset
-        if name.startswith("__"):  # not __getitems__: the DataLoader would fetch batches around this wrapper
-            raise AttributeError(name)
-        return getattr(self.__dict__["dataset"], name)
-
-    def get_height_and_width(self, idx):
-        try:
-            return self.dataset.get_height_and_width(idx)
-        except SetupError:  # any size will do for batching: reading the sample skips it
-            return 1, 1
-
-    def __getitem__(self, idx):
-        try:
-            return self.dataset[idx]
-        except SetupError as e:
-            print(f"Skipping sample {idx}: {str(e).splitlines()[0]}", flush=True)
-            return None, None
-
-
-def random_split(num_items, val_size, seed=0):
-    """Seeded, deterministic (train_indices, val_indices) for datasets that come without an official split.
-
-    The same (num_items, val_size, seed) always gives the same split, on any machine and in every process.
-    """
-    if not 0 < val_size < num_items:
-        raise ValueError(f"val_size must be between 1 and {num_items - 1} for {num_items} images, got {val_size}")
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[:-val_size]), sorted(order[-val_size:])
-
-
-def choose_val_size(num_items, val_size=None):
-    """--val-size, checked; by default 50 images (the tutorial's Penn-Fudan split) when there are more than 100,
-    else 20% of them (at least one), and the choice printed."""
-    if val_size is None:
-        val_size = 50 if num_items > 100 else max(1, round(0.2 * num_items))
-        print(f"Validation: holding out {val_size} of the {num_items} images (--val-size N to choose)")
-    if not 0 < val_size < num_items:
-        raise SetupError(
-            f"--val-size {val_size}: the dataset has {num_items} images to split, so hold out between 1 and "
-            f"{num_items - 1} (or give a validation set of its own)"
-        )
-    return val_size
+from .voc import VOC_CLASSES, VOCDetection, list_annotation_ids
 
 
 def get_pennfudan(root, train_transforms, val_transforms, val_size=None, split_seed=0, download=True):

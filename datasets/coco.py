@@ -9,21 +9,18 @@ Layout:
 Category ids may have gaps (COCO's 80 classes use ids 1..90) or include 0 (not background in many exports): the
 sorted ids become the contiguous labels 1..K the models need, and `label_to_category_id` maps them back.
 
-`load_json` and `BoxChecker` are shared with voc.py and custom.py.
 """
 
-import json
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import pycocotools.mask as mask_util
 import torch
 from torchvision import tv_tensors
-from torchvision.ops import clip_boxes_to_image
 
 from utils import SetupError
 
+from .common import BoxChecker, load_json
 from .images import read_image
 
 REQUIRED_FIELDS = {
@@ -31,100 +28,6 @@ REQUIRED_FIELDS = {
     "annotations": ("image_id", "category_id", "bbox"),
     "categories": ("id", "name"),
 }
-
-
-def load_json(path):
-    """Parse a json file; a missing or broken file raises SetupError naming it (and where the parser stopped)."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SetupError(f"annotation file {path} not found; check the path you passed") from None
-    except json.JSONDecodeError as e:
-        raise SetupError(
-            f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno} (character {e.pos}).\n"
-            f"  A truncated download or an interrupted export looks like this: re-download or re-export the file."
-        ) from None
-    except UnicodeDecodeError:
-        raise SetupError(f"{path} is not a UTF-8 text file; pass the .json annotation file") from None
-
-
-class BoxChecker:
-    """Clips boxes to their image and drops those with no extent, counting both for one warning per dataset.
-
-    A box with zero width or height (a click without a drag in the labelling tool), or one wholly outside its image,
-    covers no pixel: torchvision's box regression takes the log of its width, so one such box is a NaN loss.
-    """
-
-    def __init__(self, source, strict=False):
-        self.source = source  # the annotation file or folder, named in the warning
-        self.strict = strict  # raise instead of warning
-        self.dropped = self.clipped = 0
-        self.files = []  # files with a dropped or clipped box
-
-    def __call__(self, boxes, valid, height, width, file):
-        """boxes float32 [N, 4] XYXY pixels, valid bool [N] (the format's own test) -> (clipped boxes, keep [N])."""
-        clipped = clip_boxes_to_image(boxes, (height, width))
-        keep = valid & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-        num_clipped = int(((clipped != boxes).any(dim=1) & keep).sum())
-        num_dropped = int((~keep).sum())
-        if num_dropped or num_clipped:
-            self.dropped += num_dropped
-            self.clipped += num_clipped
-            self.files.append(str(file))
-        return clipped, keep
-
-    def warn(self):
-        if not self.files:
-            return
-        first = ", ".join(self.files[:3])
-        if self.strict:
-            raise SetupError(
-                f"{self.source}: {self.dropped} boxes with zero width or height or outside their image and "
-                f"{self.clipped} crossing its border, in {len(self.files)} files (first: {first}).\n"
-                f"  Fix those annotations, or drop --strict to have them dropped and clipped."
-            )
-        warnings.warn(
-            f"{self.source}: dropped {self.dropped} boxes with zero width or height or outside their image, and "
-            f"clipped {self.clipped} boxes to their image, in {len(self.files)} files (first: {first}). "
-            f"Fix those annotations to train and evaluate on what you drew.",
-            stacklevel=3,
-        )
-
-
-class BoxRecords(torch.utils.data.Dataset):
-    """Shared by VOCDetection and CustomDataset, which parse their files into `self.items`: one dict per image with
-    path, height, width, boxes (float32 [N, 4] XYXY), labels and iscrowd. Subclasses say how to fix a wrong size."""
-
-    def size_fix(self, item):
-        raise NotImplementedError
-
-    def __len__(self):
-        return len(self.items)
-
-    def get_height_and_width(self, idx):
-        item = self.items[idx]
-        return item["height"], item["width"]
-
-    def __getitem__(self, idx):
-        item = self.items[idx]
-        height, width = item["height"], item["width"]
-        image = read_image(item["path"], "RGB")  # uint8 [3, H, W]
-        if image.shape[-2:] != (height, width):  # boxes drawn on another size would train in the wrong place
-            raise SetupError(f"{item['path']} is {image.shape[2]}x{image.shape[1]} pixels but {self.size_fix(item)}")
-        boxes = item["boxes"].clone()  # a copy: a transform must never edit the stored boxes
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": item["labels"].clone(),
-            "image_id": idx,
-            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-            "iscrowd": item["iscrowd"].clone(),
-        }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
 
 
 def _segmentation_to_rle(segmentation, box, height, width):
@@ -140,7 +43,7 @@ def _segmentation_to_rle(segmentation, box, height, width):
     return mask_util.merge(mask_util.frPyObjects(polygons, height, width))
 
 
-def _read_coco(ann_file):
+def read_coco(ann_file):
     """-> (categories sorted by id, images sorted by id, {image id: [its annotations]}), required fields checked."""
     data = load_json(ann_file)
     if not isinstance(data, dict) or "images" not in data or "categories" not in data:
@@ -197,7 +100,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ann_file = Path(ann_file)
         self.transforms = transforms
         self.masks = masks
-        categories, images, anns_per_image = _read_coco(self.ann_file)
+        categories, images, anns_per_image = read_coco(self.ann_file)
         self.categories = categories  # as in the file, sorted by id; keep_categories may leave placeholders out
         self.keep_categories([c["id"] for c in categories])
         annotations = [ann for anns in anns_per_image.values() for ann in anns]

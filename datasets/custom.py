@@ -20,7 +20,7 @@ import torch
 
 from utils import SetupError
 
-from .coco import BoxChecker, BoxRecords, load_json
+from .common import BoxChecker, BoxRecords, boxes_and_labels, load_json
 
 # The only globals a .pkl of arrays, lists and dicts needs. numpy rebuilds arrays with _reconstruct (pickle
 # protocols 0-4) or _frombuffer (protocol 5) and scalars such as np.int64 widths with scalar; numpy 2 moved
@@ -77,21 +77,6 @@ def load_middle_format(path):
     return data
 
 
-def _boxes_and_labels(ann, box_key, label_key, where, dtype=np.float32):
-    """[n, 4] boxes and int64 [n] labels from ann[box_key] and ann[label_key] (empty when both are absent).
-
-    Boxes are float32, what training uses; dtype=np.float64 keeps them as written (references/convert_dataset.py).
-    """
-    try:
-        boxes = np.asarray(ann.get(box_key, []), dtype=dtype).reshape(-1, 4)
-        labels = np.asarray(ann.get(label_key, []), dtype=np.int64).reshape(-1)
-    except ValueError:
-        raise SetupError(f"{where}: {box_key} must be (n, 4) numbers and {label_key} (n,) integers") from None
-    if len(boxes) != len(labels):
-        raise SetupError(f"{where}: {len(boxes)} {box_key} but {len(labels)} {label_key}; give one label per box")
-    return boxes, labels
-
-
 class CustomDataset(BoxRecords):
     """Items are (image, target) following the contract in datasets/__init__.py; image_id is the index in the list.
 
@@ -115,13 +100,13 @@ class CustomDataset(BoxRecords):
             if Path(filename).is_absolute() or ".." in Path(filename).parts:
                 raise SetupError(f"{where}: filename {filename!r} must be a relative path inside {self.img_prefix}")
             ann = entry.get("ann", {})  # test-set files have no "ann"
-            boxes, labels = _boxes_and_labels(ann, "bboxes", "labels", where)
+            boxes, labels = boxes_and_labels(ann, "bboxes", "labels", where)
             if "labels_ignore" in ann:
-                ignore_boxes, ignore_labels = _boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where)
+                ignore_boxes, ignore_labels = boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where)
             else:  # optional, as in mmdetection: an ignored region then ignores detections of every class
                 regions = ann.get("bboxes_ignore", [])
                 ignored = {"bboxes_ignore": regions, "labels_ignore": [0] * len(regions)}
-                ignore_boxes, _ = _boxes_and_labels(ignored, "bboxes_ignore", "labels_ignore", where)
+                ignore_boxes, _ = boxes_and_labels(ignored, "bboxes_ignore", "labels_ignore", where)
                 ignore_labels = np.tile(np.arange(len(self.classes)), len(ignore_boxes))
                 ignore_boxes = np.repeat(ignore_boxes, len(self.classes), axis=0)
             iscrowd = torch.tensor([0] * len(boxes) + [1] * len(ignore_boxes), dtype=torch.int64)

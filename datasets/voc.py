@@ -16,7 +16,7 @@ import torch
 
 from utils import SetupError
 
-from .coco import BoxChecker, BoxRecords
+from .common import BoxChecker, BoxRecords
 from .images import image_size
 
 VOC_CLASSES = (
@@ -26,21 +26,6 @@ VOC_CLASSES = (
 BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
 # tried after the xml's <filename>: labelImg, CVAT and Roboflow write VOC folders of .jpg, .JPG, .jpeg and .png files
 IMAGE_EXTENSIONS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG")
-
-
-def read_classes(spec):
-    """Class names from "a,b,c" or from a text file with one name per line; classes[k - 1] names label k."""
-    path = Path(spec)
-    if path.suffix == ".txt" or path.is_file():
-        if not path.is_file():
-            raise SetupError(f"classes file {path} not found; pass its path, or the names as --classes a,b,c")
-        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    else:
-        names = [name.strip() for name in spec.split(",")]
-    names = [name for name in names if name]
-    if not names or len(set(names)) != len(names):
-        raise SetupError(f"--classes {spec}: give each class name once, e.g. --classes cat,dog or a classes.txt")
-    return names
 
 
 def list_annotation_ids(root):

@@ -31,6 +31,7 @@ import common  # noqa: E402
 
 import datasets  # noqa: E402
 import models  # noqa: E402
+import skip_bad_images  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from datasets.images import read_image  # noqa: E402
@@ -74,7 +75,7 @@ def dataset_boxes(dataset):
 
     Reads the records the dataset classes keep, so no image is decoded (Penn-Fudan: only its masks).
     """
-    if isinstance(dataset, datasets.SkipBadImages):
+    if isinstance(dataset, skip_bad_images.SkipBadImages):
         return dataset_boxes(dataset.dataset)
     if isinstance(dataset, torch.utils.data.Subset):  # torch's and datasets.Subset
         everything = dataset_boxes(dataset.dataset)

@@ -38,8 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import common  # noqa: E402
 from convert_dataset import _coordinate, parallel_map  # noqa: E402  (this script's folder)
 
-from datasets.coco import REQUIRED_FIELDS, load_json  # noqa: E402
-from datasets.custom import _boxes_and_labels, load_middle_format  # noqa: E402
+from datasets.coco import REQUIRED_FIELDS  # noqa: E402
+from datasets.common import boxes_and_labels, load_json, read_classes  # noqa: E402
+from datasets.custom import load_middle_format  # noqa: E402
 from datasets.images import SWAPS_SIDES, orientation  # noqa: E402
 from datasets.voc import (  # noqa: E402
     BOX_TAGS,
@@ -47,7 +48,6 @@ from datasets.voc import (  # noqa: E402
     find_image,
     list_annotation_ids,
     parse_annotation,
-    read_classes,
     read_xml,
 )
 from utils import SetupError, cli  # noqa: E402
@@ -206,7 +206,7 @@ def read_custom(ann_file, img_prefix, classes, problems):
         ann = entry.get("ann") or {}  # test-set files have no "ann"
         objects = []
         for key, label_key, ignore in (("bboxes", "labels", 0), ("bboxes_ignore", "labels_ignore", 1)):
-            boxes, labels = _boxes_and_labels(ann, key, label_key, where, dtype=np.float64)  # float64: as written
+            boxes, labels = boxes_and_labels(ann, key, label_key, where, dtype=np.float64)  # float64: as written
             for box, label in zip(boxes.tolist(), labels.tolist()):
                 known = 0 <= label < len(classes)  # mmdetection's labels are 0-based: 0..K-1
                 shown = f"label {label}" + ("" if known else f" (0-based, expected 0..{len(classes) - 1})")

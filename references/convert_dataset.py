@@ -41,8 +41,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the core is one folder up
 
-from datasets.coco import BoxChecker, CocoDetection, _read_coco  # noqa: E402
-from datasets.custom import CustomDataset, _boxes_and_labels, load_middle_format  # noqa: E402
+from datasets import coco  # noqa: E402
+from datasets.coco import CocoDetection  # noqa: E402
+from datasets.common import BoxChecker, boxes_and_labels, read_classes  # noqa: E402
+from datasets.custom import CustomDataset, load_middle_format  # noqa: E402
 from datasets.images import image_size  # noqa: E402
 from datasets.voc import (  # noqa: E402
     BOX_TAGS,
@@ -50,7 +52,6 @@ from datasets.voc import (  # noqa: E402
     find_image,
     list_annotation_ids,
     parse_annotation,
-    read_classes,
     read_xml,
 )
 from utils import SetupError, cli  # noqa: E402
@@ -213,7 +214,7 @@ def read_voc(root, split, classes, workers):
 def read_coco(ann_file):
     """-> (records, class names) from a COCO json; images in id order and classes in category-id order, as
     CocoDetection numbers them. Segmentations are not read: the other formats hold boxes only."""
-    categories, images, anns_per_image = _read_coco(ann_file)
+    categories, images, anns_per_image = coco.read_coco(ann_file)
     if any(ann.get("segmentation") for anns in anns_per_image.values() for ann in anns):
         print(f"note: {ann_file} has segmentations; they are not converted (boxes only)")
     index = {c["id"]: k for k, c in enumerate(categories)}
@@ -246,8 +247,8 @@ def read_custom(ann_file, classes):
             raise SetupError(f"{where}: every entry needs filename, width and height ({e!r})") from None
         ann = entry.get("ann") or {}  # test-set files have no "ann"
         # float64: the coordinates exactly as written (the dataset class reads float32, enough to train on)
-        boxes, labels = _boxes_and_labels(ann, "bboxes", "labels", where, dtype=np.float64)
-        ignore_boxes, ignore_labels = _boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where, np.float64)
+        boxes, labels = boxes_and_labels(ann, "bboxes", "labels", where, dtype=np.float64)
+        ignore_boxes, ignore_labels = boxes_and_labels(ann, "bboxes_ignore", "labels_ignore", where, np.float64)
         labels = np.concatenate([labels, ignore_labels])
         if ((labels < 0) | (labels >= len(classes))).any():
             raise SetupError(
@@ -270,7 +271,7 @@ def read_custom(ann_file, classes):
 
 
 def drop_and_clip(records, source):
-    """Drop the boxes the dataset classes drop and clip those they clip, with their warning (datasets.coco.BoxChecker).
+    """Drop the boxes the dataset classes drop and clip those they clip, with their warning (common.BoxChecker).
 
     BoxChecker decides on float32 tensors, as the dataset classes do; the clipping itself is redone here in float64
     so that every coordinate inside the image stays exactly as written.

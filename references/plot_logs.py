@@ -4,7 +4,7 @@
     python references/plot_logs.py work_dirs/a work_dirs/b/log.jsonl --out compare.png    # one line per run
 
 Reads each run's log.jsonl (one JSON object per epoch, plus the per-iteration ones train.py writes every
---print-freq steps, drawn as a thinner line) and draws it with utils.plot_curves, the function train.py uses for the
+--print-freq steps, drawn as a thinner line) and draws it with report.plot_curves, the function train.py uses for the
 curves of its report.md. matplotlib is optional for the project: pip install matplotlib.
 From Python: plot_logs(paths, out_file).
 """
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where utils.py lives
-import utils  # noqa: E402
+import report  # noqa: E402
 
 
 def log_file(path):
@@ -32,7 +32,7 @@ def plot_logs(paths, out_file):
     """Write one PNG to `out_file` with the curves of every run in `paths` (run folders or log files)."""
     names, files = zip(*map(log_file, paths))
     try:
-        drawn = utils.plot_curves(list(files), out_file, names=list(names))
+        drawn = report.plot_curves(list(files), out_file, names=list(names))
     except json.JSONDecodeError as e:  # typically the last line of a run killed while writing it
         raise ValueError(f"a line of {' or '.join(map(str, files))} is not JSON: {e}") from e
     if not drawn:

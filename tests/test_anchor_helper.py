@@ -15,6 +15,7 @@ from test_datasets_formats import write_coco, write_middle
 
 import datasets
 import models
+import skip_bad_images
 
 sys.path.insert(0, str(REPO / "references"))
 import anchor_helper  # noqa: E402
@@ -95,7 +96,7 @@ def test_dataset_boxes_match_the_samples_without_decoding_images(tmp_path, monke
     }
     voc_root = make_voc(tmp_path / "voc")  # difficult objects, and an xml without <size>
     built["voc"] = datasets.VOCDetection(voc_root, classes=["cat", "dog"], split_ids=["img0", "img1", "img2", "img3"])
-    built["skip"] = datasets.SkipBadImages(built["custom"])
+    built["skip"] = skip_bad_images.SkipBadImages(built["custom"])
     expected = {}
     for name, ds in built.items():
         targets = [ds[i][1] for i in range(len(ds))]
@@ -105,7 +106,7 @@ def test_dataset_boxes_match_the_samples_without_decoding_images(tmp_path, monke
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(datasets.coco, "read_image", no_decoding)  # voc and custom decode through coco.BoxRecords
+    monkeypatch.setattr(datasets.common, "read_image", no_decoding)  # voc and custom decode through common.BoxRecords
     for name, ds in built.items():
         records = anchor_helper.dataset_boxes(ds)
         assert [(h, w) for _, _, h, w in records] == expected[name + " sizes"], name

@@ -6,6 +6,7 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
+import compose
 import models
 from utils import SetupError
 
@@ -42,19 +43,19 @@ def train_step(model, masks=False):
     return losses
 
 
-@pytest.mark.parametrize("neck", models.NECKS)
-@pytest.mark.parametrize("backbone", models.BACKBONES)
+@pytest.mark.parametrize("neck", compose.NECKS)
+@pytest.mark.parametrize("backbone", compose.BACKBONES)
 def test_every_backbone_and_neck_trains_a_step(backbone, neck):
     torch.manual_seed(0)
-    model = models.get_model("fasterrcnn", num_classes=3, weights="none", backbone=backbone, neck=neck, **RCNN)
-    assert model.backbone.out_channels == (256 if neck != "none" else models.STAGES[backbone][1][-1])
+    model = compose.get_model("fasterrcnn", num_classes=3, weights="none", backbone=backbone, neck=neck, **RCNN)
+    assert model.backbone.out_channels == (256 if neck != "none" else compose.STAGES[backbone][1][-1])
     assert set(train_step(model)) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(p.requires_grad for p in model.parameters())  # from scratch: nothing to keep frozen
 
 
 def test_pafpn_levels_channels_and_strides():
-    channels = models.STAGES["resnet18"][1]
-    neck = models.PAFPN(list(channels), [4, 8, 16, 32])
+    channels = compose.STAGES["resnet18"][1]
+    neck = compose.PAFPN(list(channels), [4, 8, 16, 32])
     maps = {str(i): torch.rand(2, c, 64 // s, 96 // s) for i, (c, s) in enumerate(zip(channels, (4, 8, 16, 32)))}
     maps["0"].requires_grad_(True)
     out = neck(maps)
@@ -68,9 +69,9 @@ def test_pafpn_levels_channels_and_strides():
 
 
 def test_dense_heads_start_at_c3():
-    model = models.get_model("retinanet", num_classes=3, weights="none", backbone="resnet18", neck="pafpn", **SMALL)
+    model = compose.get_model("retinanet", num_classes=3, weights="none", backbone="resnet18", neck="pafpn", **SMALL)
     assert model.backbone.strides == {"0": 8, "1": 16, "2": 32, "pool": 64}
-    model = models.get_model("fasterrcnn", num_classes=3, weights="none", backbone="resnet18", neck="none", **SMALL)
+    model = compose.get_model("fasterrcnn", num_classes=3, weights="none", backbone="resnet18", neck="none", **SMALL)
     assert model.backbone.strides == {"0": 32}
     assert model.rpn.anchor_generator.sizes == ((32, 64, 128, 256, 512),)
 
@@ -85,7 +86,7 @@ def test_dense_heads_start_at_c3():
     ],
 )
 def test_custom_anchors_set_the_rpn_head(neck, sizes, ratios, per_location):
-    model = models.get_model(
+    model = compose.get_model(
         "fasterrcnn", 3, weights="none", backbone="mobilenet_v3_large", neck=neck, anchor_sizes=sizes,
         anchor_ratios=ratios, **RCNN,
     )  # fmt: skip
@@ -123,26 +124,26 @@ def test_named_checkpoint_with_custom_anchors_reloads(tmp_path):
 
 def test_mismatched_anchors_and_parts_name_the_fix():
     with pytest.raises(ValueError, match=r"3 groups of anchor sizes .* 5 feature maps.*anchor_sizes="):
-        models.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", anchor_sizes=((32,), (64,), (128,)))
+        compose.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", anchor_sizes=((32,), (64,), (128,)))
     with pytest.raises(ValueError, match="as many anchors"):
         sizes = ((32,), (64,), (128,), (256,), (512, 640))
-        models.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", anchor_sizes=sizes)
+        compose.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", anchor_sizes=sizes)
     with pytest.raises(ValueError, match="--model fasterrcnn"):
         models.get_model("fasterrcnn_resnet50_fpn", 3, weights="none", backbone="resnet18")
     with pytest.raises(ValueError, match="convnext_tiny"):
-        models.get_model("fasterrcnn", 3, weights="none", backbone="vgg16")
+        compose.get_model("fasterrcnn", 3, weights="none", backbone="vgg16")
     with pytest.raises(ValueError, match="pafpn"):
-        models.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", neck="bifpn")
+        compose.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", neck="bifpn")
     with pytest.raises(SetupError, match="IMAGENET1K_V1"):
-        models.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", weights_backbone="NOPE")
+        compose.get_model("fasterrcnn", 3, weights="none", backbone="resnet18", weights_backbone="NOPE")
     with pytest.raises(ValueError, match="anchor-free"):
-        models.get_model("fcos", 3, weights="none", backbone="resnet18", anchor_sizes=(32, 64, 128, 256))
+        compose.get_model("fcos", 3, weights="none", backbone="resnet18", anchor_sizes=(32, 64, 128, 256))
 
 
 @pytest.mark.parametrize("head, per_location", [("retinanet", 9), ("fcos", 1)])
 def test_dense_heads_train_and_predict(head, per_location):
     torch.manual_seed(0)
-    model = models.get_model(head, 3, weights="none", backbone="resnet18", box_score_thresh=0.0, **SMALL)
+    model = compose.get_model(head, 3, weights="none", backbone="resnet18", box_score_thresh=0.0, **SMALL)
     assert model.anchor_generator.num_anchors_per_location() == [per_location] * 4
     assert model.score_thresh == 0.0  # train.py's box_score_thresh, under its RetinaNet / FCOS name
     losses = train_step(model)
@@ -154,7 +155,7 @@ def test_dense_heads_train_and_predict(head, per_location):
 
 
 def test_maskrcnn_composed_trains_a_step():
-    model = models.get_model("maskrcnn", 3, weights="none", backbone="resnet18", neck="pafpn", **RCNN)
+    model = compose.get_model("maskrcnn", 3, weights="none", backbone="resnet18", neck="pafpn", **RCNN)
     assert model.roi_heads.mask_roi_pool.output_size == (14, 14)
     assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]  # no "pool"
     assert "loss_mask" in train_step(model, masks=True)
@@ -165,11 +166,11 @@ def test_composed_checkpoint_rebuilds_exactly(tmp_path, capsys, pretrained):
     parts = dict(backbone="mobilenet_v3_large", neck="pafpn", anchor_sizes=(16, 32, 64, 128, 256), anchor_ratios=(1, 3))
     torch.manual_seed(0)
     # pretrained: built as from ImageNet weights (frozen BatchNorm, early stages frozen) without downloading them
-    model = models.compose("maskrcnn", 4, pretrained=pretrained, **parts, **RCNN)
+    model = compose.compose("maskrcnn", 4, pretrained=pretrained, **parts, **RCNN)
     train_step(model, masks=True)  # BatchNorm statistics move (when not frozen)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "epoch": 0}, path)
-    again = models.get_model("maskrcnn", 4, weights=str(path), **parts, **RCNN)
+    again = compose.get_model("maskrcnn", 4, weights=str(path), **parts, **RCNN)
     assert "fresh: nothing" in capsys.readouterr().out
     assert list(again.state_dict()) == list(model.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
@@ -186,7 +187,7 @@ def test_torchvision_state_dict_loads_where_it_fits(tmp_path, capsys):
     state = {k: v for k, v in coco.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "coco.pth")
     torch.manual_seed(1)
-    model = models.get_model("fasterrcnn", 3, weights=str(tmp_path / "coco.pth"), backbone="resnet50", neck="fpn")
+    model = compose.get_model("fasterrcnn", 3, weights=str(tmp_path / "coco.pth"), backbone="resnet50", neck="fpn")
     report = capsys.readouterr().out
     assert "loaded backbone.body, backbone.fpn, rpn.head, roi_heads.box_head; fresh: roi_heads.box_predictor" in report
     loaded = model.state_dict()
@@ -198,5 +199,5 @@ def test_torchvision_state_dict_loads_where_it_fits(tmp_path, capsys):
     assert not model.backbone.body.layer1[0].conv1.weight.requires_grad  # only layer2..layer4 train by default
     assert model.backbone.body.layer2[0].conv1.weight.requires_grad
     # the same file into a PAFPN: its top-down FPN loads, the bottom-up path starts fresh
-    model = models.get_model("fasterrcnn", 3, weights=str(tmp_path / "coco.pth"), neck="pafpn")
+    model = compose.get_model("fasterrcnn", 3, weights=str(tmp_path / "coco.pth"), neck="pafpn")
     assert "loaded backbone.body, backbone.fpn (16/28 tensors)" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from conftest import SHARED_DATA
 from PIL import Image
 from torchvision import tv_tensors
 
-from datasets import coco, custom, voc
+from datasets import coco, common, custom, voc
 from utils import SetupError
 
 
@@ -232,13 +232,13 @@ def test_voc_without_split_file_takes_split_ids(tmp_path):
 
 
 def test_read_classes(tmp_path):
-    assert voc.read_classes("RBC, WBC,Platelets") == ["RBC", "WBC", "Platelets"]
+    assert common.read_classes("RBC, WBC,Platelets") == ["RBC", "WBC", "Platelets"]
     (tmp_path / "classes.txt").write_text("cat\n\ndog\n")
-    assert voc.read_classes(str(tmp_path / "classes.txt")) == ["cat", "dog"]
+    assert common.read_classes(str(tmp_path / "classes.txt")) == ["cat", "dog"]
     with pytest.raises(SetupError, match="once"):
-        voc.read_classes("cat,cat")
+        common.read_classes("cat,cat")
     with pytest.raises(SetupError, match="missing.txt not found"):
-        voc.read_classes(str(tmp_path / "missing.txt"))
+        common.read_classes(str(tmp_path / "missing.txt"))
 
 
 # ------------------------------------------------------------------------------------------------ middle format
@@ -370,7 +370,7 @@ def test_get_height_and_width_does_not_decode(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("decoded an image")
 
-    monkeypatch.setattr(coco, "read_image", fail)  # voc and custom decode through coco.BoxRecords
+    monkeypatch.setattr(common, "read_image", fail)  # voc and custom decode through common.BoxRecords
     assert [coco_ds.get_height_and_width(i) for i in range(3)] == [(40, 50), (30, 40), (20, 20)]
     assert [voc_ds.get_height_and_width(i) for i in range(2)] == [(30, 40), (16, 24)]
     assert [custom_ds.get_height_and_width(i) for i in range(2)] == [(30, 40), (20, 20)]
@@ -396,7 +396,7 @@ def real_tiny_coco():
 def test_real_bccd_train_split(real_bccd):
     # BCCD's BloodImage_00343 has an RBC box with xmin == xmax and ymin == ymax: a click without a drag
     with pytest.warns(UserWarning, match=r"dropped 1 boxes .*BloodImage_00343\.xml"):
-        ds = voc.VOCDetection(real_bccd, "train", classes=voc.read_classes("RBC,WBC,Platelets"))
+        ds = voc.VOCDetection(real_bccd, "train", classes=common.read_classes("RBC,WBC,Platelets"))
     assert len(ds) == 205
     counts = torch.zeros(4, dtype=torch.int64)
     for idx in range(len(ds)):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from test_distributed import free_port
 
+import compose
 import engine
 import models
 import train
@@ -118,7 +119,7 @@ def test_resume_auto_is_decided_on_rank_0_and_downloads_run_once_per_node_first(
 
 
 def test_anchors_are_float32_under_bf16_autocast():
-    model = models.get_model("fasterrcnn_resnet50_fpn", num_classes=2, weights="none", weights_backbone=None)
+    model = models.float32_boxes(models.get_model("fasterrcnn_resnet50_fpn", num_classes=2, weights="none"))
     assert isinstance(model.rpn.anchor_generator, models.Float32Anchors)
     generator = models.Float32Anchors(((32,),), ((1.0,),))  # one map, one anchor per place
     from torchvision.models.detection.image_list import ImageList
@@ -131,5 +132,5 @@ def test_anchors_are_float32_under_bf16_autocast():
     centres = ((anchors[:, 0] + anchors[:, 2]) / 2).unique()
     beyond = centres[centres >= 1024]
     assert len(beyond) == 64  # (1280 - 1024) / 4 distinct centres; in bf16 most of them merge
-    retina = models.get_model("retinanet", num_classes=2, weights="none", backbone="resnet18")
+    retina = models.float32_boxes(compose.get_model("retinanet", num_classes=2, weights="none", backbone="resnet18"))
     assert isinstance(retina.anchor_generator, models.Float32Anchors)

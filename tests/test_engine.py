@@ -8,8 +8,9 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import engine
 import models
+import speed
 import utils
-from engine import paste_masks
+import voc_eval
 
 
 class FixedModel(torch.nn.Module):
@@ -154,10 +155,10 @@ def test_voc_ap50_by_hand():
         {"image_id": 1, "category_id": 1, "bbox": [51, 51, 10, 10], "score": 0.7},
     ]
     # precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> envelope 1 up to recall 1/2, then 2/3: AP = 1/2 + 1/3
-    table = engine.voc_ap50(gt, dets, ["a", "b"])
+    table = voc_eval.voc_ap50(gt, dets, ["a", "b"])
     assert table["a"] == pytest.approx(0.5 + 1 / 3)
     assert table["b"] != table["b"]  # no ground truth: NaN, left out of the mean
-    assert engine.voc_ap50(gt, dets[:1] + dets[3:], ["a"])["a"] == pytest.approx(1.0)
+    assert voc_eval.voc_ap50(gt, dets[:1] + dets[3:], ["a"])["a"] == pytest.approx(1.0)
 
 
 def test_paste_masks_equals_torchvision_paste_then_threshold():
@@ -173,22 +174,15 @@ def test_paste_masks_equals_torchvision_paste_then_threshold():
             boxes[:, 1::2].clamp(0, height),
         )  # as detections
         expected = paste_masks_in_image(masks, boxes, (height, width)) > 0.5
-        pasted = engine.paste_masks(masks, boxes, (height, width))
+        pasted = speed.paste_masks(masks, boxes, (height, width))
         assert pasted.dtype == torch.bool and pasted.shape == expected.shape and torch.equal(pasted, expected)
         # each mask column-major in memory: what pycocotools encodes, and the RLE matches the thresholded probabilities
         assert pasted[:, 0].permute(1, 2, 0).numpy().flags["F_CONTIGUOUS"]
         assert engine._encode_masks(pasted[:, 0]) == engine._encode_masks(expected[:, 0])
 
 
-def test_evaluate_scores_the_same_masks_as_torchvision_paste(monkeypatch):
-    class Wrapped(torch.nn.Module):  # not a GeneralizedRCNN: evaluate() leaves torchvision's own paste in place
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, images):
-            return self.model(images)
-
+def test_evaluate_scores_the_same_masks_as_torchvision_paste():
+    """speed.PasteInBoxes, installed as the model's transform, gives evaluate() the masks torchvision's pasting does."""
     torch.manual_seed(0)
     model = models.get_model("maskrcnn_resnet50_fpn", num_classes=2, weights="none", min_size=64, max_size=96)
     model.roi_heads.score_thresh = 0.0  # every detection is kept: 100 masks per image
@@ -205,11 +199,16 @@ def test_evaluate_scores_the_same_masks_as_torchvision_paste(monkeypatch):
             ],
         )
     ]
+    reference = engine.evaluate(model, loader, torch.device("cpu"), ["a"])  # torchvision's paste_masks_in_image
+    model.transform = speed.PasteInBoxes(model.transform)
     calls = []
-    monkeypatch.setattr(engine, "paste_masks", lambda *args: calls.append(1) or paste_masks(*args))
+    model.transform.register_forward_hook(lambda *args: calls.append(1))
     lean = engine.evaluate(model, loader, torch.device("cpu"), ["a"])
-    assert calls == [1]  # the model pasted through engine.paste_masks
-    reference = engine.evaluate(Wrapped(model), loader, torch.device("cpu"), ["a"])
+    assert calls == [1]
+    model.eval()
+    with torch.no_grad():
+        (output,) = model(loader[0][0])
+    assert output["masks"].dtype == torch.bool and output["masks"].shape == (100, 1, 70, 90)  # cut, in the image
     assert len(lean["detections"]) == 100
     assert [d["segmentation"] for d in lean["detections"]] == [d["segmentation"] for d in reference["detections"]]
     assert lean["segm"] == reference["segm"]

@@ -1,4 +1,4 @@
-"""The fast path (models.fast_path, bf16 autocast) computes what the plain model computes."""
+"""The fast path (speed.fast_path, bf16 autocast) computes what the plain model computes."""
 
 import argparse
 import copy
@@ -9,6 +9,7 @@ import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
 import models
+import speed
 import train
 import utils
 
@@ -69,7 +70,7 @@ def test_folding_batchnorm_changes_neither_losses_nor_gradients(tmp_path, name):
     plain = _pretrained_like(tmp_path, name, min_size=64, max_size=96)
     frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in plain.modules())
     fast = copy.deepcopy(plain)
-    assert models.fold_frozen_batchnorm(fast) == frozen > 20  # every frozen BatchNorm found its conv
+    assert speed.fold_frozen_batchnorm(fast) == frozen > 20  # every frozen BatchNorm found its conv
     assert fast.state_dict().keys() == plain.state_dict().keys()  # checkpoints stay interchangeable
     images, targets = _batch(masks=name.startswith("mask"))
     # fp32 sums in another order differ by ~1e-4 in a deep random network: judge both against float64
@@ -83,8 +84,8 @@ def test_folding_batchnorm_changes_neither_losses_nor_gradients(tmp_path, name):
     plain.eval(), fast.eval()
     with torch.no_grad():
         expected, got = plain(images), fast(images)
-    for a, b in zip(expected, got):
-        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3) and torch.allclose(a["scores"], b["scores"], atol=1e-5)
+    for a, b in zip(expected, got):  # fp32 rounding of w * s through 50+ layers: hundredths of a pixel, at most
+        assert torch.allclose(a["boxes"], b["boxes"], atol=0.05) and torch.allclose(a["scores"], b["scores"], atol=1e-5)
 
 
 def test_fast_path_trains_like_fp32(tmp_path):
@@ -95,7 +96,7 @@ def test_fast_path_trains_like_fp32(tmp_path):
     ranks itself, and a near-tie that bf16 breaks the other way samples other proposals: 10%.
     """
     plain = _pretrained_like(tmp_path, "fasterrcnn_mobilenet_v3_large_320_fpn", min_size=64, max_size=96)
-    fast = models.fast_path(copy.deepcopy(plain), fast_roi_align=True)  # all of train.py's CPU fast path
+    fast = train.prepare_model(copy.deepcopy(plain), torch.device("cpu"))  # all of train.py's CPU fast path
     images, targets = _batch()
     history = {}
     for label, model, amp_dtype in (("fp32", plain, None), ("fast", fast, torch.bfloat16)):
@@ -134,7 +135,7 @@ def test_roi_heads_see_a_few_padded_shapes_and_compute_the_same(tmp_path):
             head = getattr(padded.roi_heads, f"{name}_head")
             head.register_forward_pre_hook(lambda m, a, r=record: r.append(len(a[0])))
         if when == "before":
-            models.fast_path(padded, channels_last=False, fold_bn=False)
+            speed.fast_path(padded, channels_last=False, fold_bn=False)
     images, targets = _batch(masks=True)
     losses, grads = _losses_and_grads(plain, images, targets)
     padded_losses, padded_grads = _losses_and_grads(padded, images, targets)
@@ -144,7 +145,10 @@ def test_roi_heads_see_a_few_padded_shapes_and_compute_the_same(tmp_path):
     with torch.no_grad():
         expected, got = plain(images), padded(images)
     for a, b in zip(expected, got):
-        assert a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+        assert a.keys() == b.keys() and all(
+            torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a if k != "masks"
+        )
+        assert torch.equal(a["masks"] > 0.5, b["masks"])  # speed.PasteInBoxes pastes them cut at 0.5
     for name, multiple in (("box", 64), ("mask", 16)):
         before, after = rows[name, "before"], rows[name, "after"]
         assert all(n % multiple == 0 for n in after) and any(n % multiple for n in before), rows  # padding was needed

@@ -11,6 +11,7 @@ import torch
 from conftest import REPO, make_pennfudan
 
 import engine
+import preemption
 import train
 import utils
 
@@ -101,7 +102,7 @@ def test_skip_nonfinite_skips_and_counts_then_stops_when_too_many(capsys):
 
 
 def test_usr1_asks_to_stop_and_a_second_ctrl_c_stops_at_once():
-    stop = utils.StopSignals()
+    stop = preemption.StopSignals()
     try:
         assert not stop()
         os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning before a time limit (srun --signal=USR1@120)

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, SHARED_DATA, make_pennfudan
 from PIL import Image
 
-import datasets
+import skip_bad_images
 from datasets import coco, images, pennfudan, voc
 from utils import SetupError
 
@@ -100,7 +100,7 @@ def test_a_decompression_bomb_is_an_unreadable_image_skipped_under_skip_bad_imag
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # errors above 10,000 pixels
     with pytest.raises(images.UnreadableImage, match=r"(?s)Ped00000\.png.*MAX_IMAGE_PIXELS=<pixels>"):
         images.read_image(root / "PNGImages" / "Ped00000.png")
-    skipping = datasets.SkipBadImages(pennfudan.PennFudanDataset(root))
+    skipping = skip_bad_images.SkipBadImages(pennfudan.PennFudanDataset(root))
     assert skipping[0] == (None, None)  # 96 x 128 = 12,288 pixels
     assert skipping.get_height_and_width(0) == (1, 1)  # batching still gets a size
     with pytest.warns(Image.DecompressionBombWarning):

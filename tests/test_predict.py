@@ -18,6 +18,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
 import models
 import predict
 import train
+from tta import TTA
 
 sys.path.insert(0, str(REPO / "references"))
 import browse_dataset  # noqa: E402
@@ -243,7 +244,7 @@ def test_browse_dataset_draws_the_ground_truth(data_dir, tmp_path):
 
 def test_tta_predictions_mirror_with_the_image(faster_rcnn, data_dir, tmp_path):
     """hflip TTA sees the same two views of an image and of its mirror image: mirrored, the same detections."""
-    tta = models.TTA(predict.load_model(faster_rcnn), hflip=True, scales=[64, 80]).eval()
+    tta = TTA(predict.load_model(faster_rcnn), hflip=True, scales=[64, 80]).eval()
     tta.class_names = tta.model.class_names
     image = to_dtype(pil_to_tensor(Image.open(data_dir / "PNGImages" / "Ped00000.png")), torch.float32, scale=True)
     plain, mirrored = predict.predict(tta, [image, image.flip(-1)], score_thresh=0.0)

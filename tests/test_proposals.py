@@ -1,12 +1,12 @@
-"""engine.evaluate_proposals / rpn_proposals: RPN recall, with proposals mapped back from the resized input."""
+"""proposals.evaluate_proposals / rpn_proposals: RPN recall, with proposals mapped back from the resized input."""
 
 import math
 
 import pytest
 import torch
 
-import engine
 import models
+from proposals import evaluate_proposals, rpn_proposals
 
 # (height, width) and ground-truth boxes (XYXY pixels) of each image: small (< 32^2 px), medium and large objects
 IMAGES = [
@@ -74,26 +74,26 @@ class Wrapped(torch.nn.Module):
 def test_proposals_are_mapped_back_exactly():
     rpn = TruthRPN()
     images = [image for batch in _loader() for image in batch[0]]
-    proposals = engine.rpn_proposals(Wrapped(_model(rpn)), images)
+    proposals = rpn_proposals(Wrapped(_model(rpn)), images)
     assert rpn.sizes == [(64, 85), (85, 64), (64, 85)]  # the model's resize (min_size 64) ran before the RPN
     for boxes, (_, truth) in zip(proposals, IMAGES):
         assert torch.allclose(boxes, torch.tensor(truth), atol=1e-4)
 
 
 def test_ground_truth_proposals_give_recall_1():
-    results = engine.evaluate_proposals(_model(TruthRPN()), _loader(), torch.device("cpu"))
+    results = evaluate_proposals(_model(TruthRPN()), _loader(), torch.device("cpu"))
     assert set(results) == {"AR@100", "AR@300", "AR@1000", "AR_s@1000", "AR_m@1000", "AR_l@1000"}
     assert all(value == pytest.approx(1.0) for value in results.values())
 
 
 def test_proposals_off_by_more_than_iou_half_give_recall_0():
     # moved by 0.6 x their width: IoU 0.4 / 1.6 = 0.25 with their box, below every threshold of .50:.95
-    results = engine.evaluate_proposals(_model(TruthRPN(shift=0.6)), _loader(), torch.device("cpu"), max_dets=(1, 10))
+    results = evaluate_proposals(_model(TruthRPN(shift=0.6)), _loader(), torch.device("cpu"), max_dets=(1, 10))
     assert results == {"AR@1": 0.0, "AR@10": 0.0, "AR_s@10": 0.0, "AR_m@10": 0.0, "AR_l@10": 0.0}
 
 
 def test_real_rpn_recall_is_a_fraction_growing_with_the_proposal_count(capsys):
-    results = engine.evaluate_proposals(_model(), _loader(batch_size=3), torch.device("cpu"), max_dets=(10, 100, 1000))
+    results = evaluate_proposals(_model(), _loader(batch_size=3), torch.device("cpu"), max_dets=(10, 100, 1000))
     assert 0 <= results["AR@10"] <= results["AR@100"] <= results["AR@1000"] <= 1
     assert all(0 <= value <= 1 for value in results.values() if not math.isnan(value))
     assert "AR_l@1000" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from PIL import Image
 
 import datasets
 import train
+import utils
 from datasets import custom
 from utils import SetupError
 
@@ -135,7 +136,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, content, says):
         path.write_text("not a checkpoint\n")
     fix = f"--load-from {path}" if content != "text" else "pass a checkpoint.pth written by train.py"
     with pytest.raises(SetupError, match=re.escape(says) + ".*" + re.escape(fix)) as e:
-        train.load_checkpoint(path)
+        utils.load_checkpoint(path)
     assert "\n" not in str(e.value)
 
 

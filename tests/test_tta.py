@@ -1,4 +1,4 @@
-"""models.TTA: views mapped back exactly, merged by NMS or box voting, masks averaged before the 0.5 cut."""
+"""tta.TTA: views mapped back exactly, merged by NMS or box voting, masks averaged before the 0.5 cut."""
 
 from types import SimpleNamespace
 
@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import models
+import transforms
+from tta import TTA
 
 TRUTH = [10.0, 8.0, 30.0, 28.0]  # the bright square of `_image`, XYXY pixel extents
 
@@ -50,7 +52,7 @@ class BiasedDetector(torch.nn.Module):
 
 
 def test_flipped_view_maps_back_exactly():
-    tta = models.TTA(BiasedDetector()).eval()
+    tta = TTA(BiasedDetector()).eval()
     (plain,), (flipped,) = tta._view([_image()]), tta._view([_image()], flip=True)
     # the detector errs 2 px to the right of what it sees: to the right in the image, to the left in its mirror
     assert plain["boxes"].tolist() == [[12.0, 8.0, 32.0, 28.0]]
@@ -60,23 +62,23 @@ def test_flipped_view_maps_back_exactly():
 
 def test_scales_set_min_size_scale_max_size_and_are_restored():
     detector = BiasedDetector()
-    models.TTA(detector, hflip=False, scales=(400, 1000)).eval()([_image()])
+    TTA(detector, hflip=False, scales=(400, 1000)).eval()([_image()])
     assert detector.calls == [(400, 666), (1000, 1666)]  # max_size 1333 scaled by 400 / 800 and 1000 / 800
     assert (detector.transform.min_size, detector.transform.max_size) == ((800,), 1333)
 
     failing = BiasedDetector(fail_at=1000)
     with pytest.raises(MemoryError):
-        models.TTA(failing, hflip=False, scales=(400, 1000)).eval()([_image()])
+        TTA(failing, hflip=False, scales=(400, 1000)).eval()([_image()])
     assert (failing.transform.min_size, failing.transform.max_size) == ((800,), 1333)
 
 
 def test_two_scales_merge_into_one_box():
     # min_size 400: box [11, 8, 31, 28] score 0.4; min_size 800: [12, 8, 32, 28] score 0.8; IoU 380 / 420
-    nms = models.TTA(BiasedDetector(), hflip=False, scales=(400, 800), merge="nms").eval()([_image()])[0]
+    nms = TTA(BiasedDetector(), hflip=False, scales=(400, 800), merge="nms").eval()([_image()])[0]
     assert nms["boxes"].tolist() == [[12.0, 8.0, 32.0, 28.0]] and nms["scores"].tolist() == [pytest.approx(0.8)]
     assert nms["labels"].tolist() == [1]
 
-    vote = models.TTA(BiasedDetector(), hflip=False, scales=(400, 800), merge="vote").eval()([_image()])[0]
+    vote = TTA(BiasedDetector(), hflip=False, scales=(400, 800), merge="vote").eval()([_image()])[0]
     x1, x2 = (0.4 * 11 + 0.8 * 12) / 1.2, (0.4 * 31 + 0.8 * 32) / 1.2  # score-weighted means
     assert vote["boxes"][0].tolist() == pytest.approx([x1, 8.0, x2, 28.0])
     assert vote["scores"].tolist() == [pytest.approx(0.8)]
@@ -84,12 +86,12 @@ def test_two_scales_merge_into_one_box():
 
 def test_hflip_vote_cancels_a_left_right_bias():
     # [12, 8, 32, 28] and its mirror's [8, 8, 28, 28], equal scores: their mean is the true box
-    output = models.TTA(BiasedDetector(), hflip=True, merge="vote").eval()([_image()])[0]
+    output = TTA(BiasedDetector(), hflip=True, merge="vote").eval()([_image()])[0]
     assert output["boxes"].tolist() == [TRUTH]
 
 
 def test_masks_are_averaged_before_thresholding():
-    output = models.TTA(BiasedDetector(mask_prob=0.6), hflip=True).eval()([_image()])[0]
+    output = TTA(BiasedDetector(mask_prob=0.6), hflip=True).eval()([_image()])[0]
     masks = output["masks"]  # [1, 1, H, W]: the views' 0.6 over x 12..31 and over x 8..27
     row = masks[0, 0, 10]
     assert row[8:12].tolist() == pytest.approx([0.3] * 4) and row[28:32].tolist() == pytest.approx([0.3] * 4)
@@ -99,7 +101,7 @@ def test_masks_are_averaged_before_thresholding():
 
 
 def test_other_classes_and_distant_boxes_are_not_merged():
-    tta = models.TTA(BiasedDetector(), merge="vote", detections_per_img=2).eval()
+    tta = TTA(BiasedDetector(), merge="vote", detections_per_img=2).eval()
     views = [
         {"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10]]), "labels": torch.tensor([1, 2])},
         {"boxes": torch.tensor([[20.0, 0, 30, 10], [1, 0, 11, 10]]), "labels": torch.tensor([1, 1])},
@@ -112,15 +114,15 @@ def test_other_classes_and_distant_boxes_are_not_merged():
 
 def test_training_mode_and_bad_merge_fail_early():
     with pytest.raises(ValueError, match="nms, vote"):
-        models.TTA(BiasedDetector(), merge="mean")
+        TTA(BiasedDetector(), merge="mean")
     with pytest.raises(RuntimeError, match="eval"):
-        models.TTA(BiasedDetector()).train()([_image()])
+        TTA(BiasedDetector()).train()([_image()])
 
 
 def test_real_mask_rcnn_gives_valid_outputs():
     torch.manual_seed(0)
     model = models.get_model("maskrcnn_resnet50_fpn", num_classes=3, weights="none", min_size=64, max_size=96)
-    tta = models.TTA(model, hflip=True, scales=(48, 64), merge="vote", detections_per_img=20).eval()
+    tta = TTA(model, hflip=True, scales=(48, 64), merge="vote", detections_per_img=20).eval()
     images = [torch.rand(3, 60, 90), torch.rand(3, 72, 50)]
     outputs = tta(images)
     assert (model.transform.min_size, model.transform.max_size) == ((64,), 96)
@@ -141,14 +143,14 @@ def test_real_keypoint_rcnn_flips_keypoints_back():
     model = models.get_model("keypointrcnn_resnet50_fpn", num_classes=2, weights="none", min_size=64, max_size=96)
     model.eval()
     image = torch.rand(3, 64, 80)
-    tta = models.TTA(model, hflip=True).eval()
+    tta = TTA(model, hflip=True).eval()
     (plain,) = model([image])
     (flipped,) = tta._view([image], flip=True)
     assert flipped["keypoints"].shape[1:] == (17, 3)
     # the model on the mirrored image, mapped back, equals mirroring its keypoints and swapping left and right
     (mirror,) = model([image.flip(-1)])
-    expected = mirror["keypoints"][:, list(models.COCO_KEYPOINT_FLIP)]
+    expected = mirror["keypoints"][:, list(transforms.COCO_KEYPOINT_FLIP)]
     assert torch.equal(flipped["keypoints"][..., 0], 80 - expected[..., 0])
     assert torch.equal(flipped["keypoints"][..., 1], expected[..., 1]) and len(plain["boxes"]) > 0
     with pytest.raises(ValueError, match="keypoint_flip"):
-        models.TTA(model, keypoint_flip=[0, 1])
+        TTA(model, keypoint_flip=[0, 1])
