@@ -74,7 +74,7 @@ def get_args_parser(add_help=True):
     model.add_argument("--backbone", default=None,
                        help="for --model fasterrcnn/maskrcnn/retinanet/fcos: an ImageNet classifier of "
                             "compose.BACKBONES, e.g. resnet18, mobilenet_v3_large, convnext_tiny (default resnet50)")
-    model.add_argument("--neck", default=None, choices=("none", "fpn", "pafpn"),
+    model.add_argument("--neck", default=None,
                        help="with those models: none, fpn or pafpn (FPN + PANet's bottom-up path) (default fpn)")
     model.add_argument("--anchor-sizes", default=None, type=lambda s: [int(v) for v in s.split(",")],
                        help="anchor sizes in px at the model's input scale: one per feature map (5 with an FPN), or "

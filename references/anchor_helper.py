@@ -18,6 +18,7 @@ level; FPN models of R-CNN (resnet50_fpn) take one size per level. Sizes and rat
 1 - IoU along each axis, and compared with scalings of the current grid. No random draws: every run prints the same.
 """
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -30,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import common  # noqa: E402
 
 import datasets  # noqa: E402
-import models  # noqa: E402
 import skip_bad_images  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
@@ -209,8 +209,9 @@ def percentiles(values):
 def main(args):
     # Random weights: nothing is downloaded, and the resize and the anchors do not depend on the weights
     # (built with its own anchors: --anchor-sizes / --anchor-ratios here name the grid to judge)
-    options = {**train.get_model_options(args), "anchor_sizes": None, "anchor_ratios": None}
-    model = models.get_model(args.model, num_classes=2, weights="none", **options)
+    plain = argparse.Namespace(**{**vars(args), "anchor_sizes": None, "anchor_ratios": None})
+    plain.weights_backbone = "none"
+    model = train.get_model(plain, 2, "none")
     min_size, max_size = model.transform.min_size[-1], model.transform.max_size  # evaluation's, px
     generator = model.rpn.anchor_generator
     levels = len(generator.sizes)

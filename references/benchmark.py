@@ -128,7 +128,9 @@ def measure(args):
     device = torch.device(args.device)
     # The speed does not depend on the lr; random stand-in heads diverge at the tutorial's 0.005 without warm-up
     args.lr = args.lr or 1e-4
-    model = train.build_model(args, len(class_names) + 1, args.weights, device)
+    model = train.get_model(args, len(class_names) + 1, args.weights)
+    speed = dict(channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=args.fast_roi_align)
+    train.prepare_model(model, device, args.data_augmentation == "multiscale", **speed, compile=args.compile)
     optimizer = train.get_optimizer(args, model)
     amp_dtype = train.get_amp_dtype(args, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

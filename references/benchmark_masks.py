@@ -1,4 +1,4 @@
-"""How long do pasting and RLE-encoding a Mask R-CNN's masks take? torchvision's way against engine.py's.
+"""How long do pasting and RLE-encoding a Mask R-CNN's masks take? torchvision's way against speed.py's.
 
     python references/benchmark_masks.py                      # 100 detections on a 800 x 1066 image
     python references/benchmark_masks.py --detections 20 --height 480 --width 640

@@ -89,3 +89,34 @@ def test_flat_anchor_sizes_keep_the_models_layout():
     model = models.get_model("fasterrcnn_mobilenet_v3_large_fpn", 2, "none", anchor_sizes=sizes, anchor_ratios=ratios)
     assert model.rpn.anchor_generator.sizes == (tuple(sizes),) * 3
     assert model.rpn.head.cls_logits.out_channels == 10  # 5 sizes x 2 ratios per location
+
+
+@pytest.mark.parametrize("name", models.TORCHVISION_MODELS)
+def test_pretrained_layout_is_torchvisions(name, monkeypatch):
+    """models.build(pretrained=True) reproduces what torchvision's builder makes for COCO weights (fails when a
+    torchvision release changes that layout): module types and BatchNorm eps, and which parameters train."""
+    with torch.device("meta"):
+        shapes = torchvision.models.get_model(name, weights=None, weights_backbone=None).state_dict()
+    zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}
+    # the builder fetches its weights through this one function: answered offline with zeros (tests only)
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", lambda *args, **kwargs: zeros)
+    for layers in (None, 0, 2, 5):
+        theirs = torchvision.models.get_model(name, weights="DEFAULT", trainable_backbone_layers=layers)
+        ours = models.build(name, 2 if "keypoint" in name else 91, pretrained=True, trainable_backbone_layers=layers)
+        describe = lambda m: [(n, type(x).__name__, getattr(x, "eps", None)) for n, x in m.named_modules()]  # noqa: E731
+        assert describe(ours) == describe(theirs)
+        trains = lambda m: [(n, p.requires_grad) for n, p in m.named_parameters()]  # noqa: E731
+        assert trains(ours) == trains(theirs), layers
+
+
+def test_model_args_rebuild_the_model(tmp_path):
+    path, _ = _coco_like_file(tmp_path, "fasterrcnn_mobilenet_v3_large_320_fpn")
+    model = models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", 3, str(path), anchor_ratios=(1.0, 2.0), **SMALL)
+    assert model.model_args == dict(
+        name="fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=3, pretrained=True, trainable_backbone_layers=None,
+        anchor_ratios=(1.0, 2.0), **SMALL,
+    )  # fmt: skip
+    again = models.build(**model.model_args)
+    again.load_state_dict(model.state_dict())  # the same structure, key for key and shape for shape
+    trains = lambda m: [n for n, p in m.named_parameters() if p.requires_grad]  # noqa: E731
+    assert trains(again) == trains(model) and again.transform.min_size == (64,)

@@ -7,8 +7,8 @@ import torch
 from conftest import REPO
 from PIL import Image
 
+import compose
 import datasets
-import models
 import train
 
 
@@ -70,17 +70,17 @@ def test_csv_dataset_example_follows_the_contract_and_trains(tmp_path, monkeypat
     assert set(metrics["bbox_per_class"]) == {"cat", "dog"} and (tmp_path / "run" / "checkpoint.pth").is_file()
 
 
-def _paste_into_models(monkeypatch, name, new_names):
-    """Run a README block as if pasted at the end of models.py; undone after the test."""
+def _paste_into_compose(monkeypatch, name, new_names):
+    """Run a README block as if pasted at the end of compose.py; undone after the test."""
     for table in ("STAGES", "BACKBONES", "NECKS"):
-        monkeypatch.setattr(models, table, dict(getattr(models, table)))
+        monkeypatch.setattr(compose, table, dict(getattr(compose, table)))
     for new in new_names:
-        monkeypatch.setattr(models, new, None, raising=False)  # deleted again after the test
-    exec(readme_block(name), vars(models))
+        monkeypatch.setattr(compose, new, None, raising=False)  # deleted again after the test
+    exec(readme_block(name), vars(compose))
 
 
 def _one_training_step(**parts):
-    model = models.get_model(**parts, num_classes=3, weights="none", min_size=64, max_size=96)
+    model = compose.get_model(**parts, num_classes=3, weights="none", min_size=64, max_size=96)
     model.train()
     target = {"boxes": torch.tensor([[8.0, 10, 50, 60]]), "labels": torch.tensor([1])}
     losses = model([torch.rand(3, 72, 96)], [target])
@@ -89,7 +89,7 @@ def _one_training_step(**parts):
 
 
 def test_own_backbone_example_becomes_selectable(monkeypatch):
-    _paste_into_models(monkeypatch, "backbone", ["regnet"])
+    _paste_into_compose(monkeypatch, "backbone", ["regnet"])
     args = train.get_args_parser().parse_args(["--model", "fasterrcnn", "--backbone", "regnet_y_400mf"])
     model, losses = _one_training_step(name=args.model, backbone=args.backbone, neck="pafpn")
     assert all(torch.isfinite(v) for v in losses.values())
@@ -97,7 +97,7 @@ def test_own_backbone_example_becomes_selectable(monkeypatch):
 
 
 def test_own_neck_example_becomes_selectable(monkeypatch):
-    _paste_into_models(monkeypatch, "neck", ["ChannelMapper"])
+    _paste_into_compose(monkeypatch, "neck", ["ChannelMapper"])
     args = train.get_args_parser().parse_args(["--model", "fasterrcnn", "--backbone", "resnet18", "--neck", "mapper"])
     model, losses = _one_training_step(name=args.model, backbone=args.backbone, neck=args.neck)
     assert all(torch.isfinite(v) for v in losses.values())

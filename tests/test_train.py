@@ -416,3 +416,24 @@ def test_composed_resnet18_pafpn_with_custom_anchors(pennfudan_dir, tmp_path, ca
         )
     with pytest.raises(utils.SetupError, match="--model fasterrcnn"):
         run("--data-path", pennfudan_dir, "--neck", "pafpn", "--val-size", 3, "--output-dir", tmp_path / "bad", *TINY)
+
+
+def test_checkpoints_rebuild_without_structure_flags_old_format_too(pennfudan_dir, tmp_path, capsys):
+    """--test-only and predict.py rebuild the model from the checkpoint alone (its model_args); a checkpoint written
+    before model_args existed rebuilds from its args, to the same detections."""
+    out = tmp_path / "run"
+    parts = ["--model", "fasterrcnn", "--backbone", "resnet18", "--neck", "pafpn", "--anchor-ratios", "0.5,1,2,3"]
+    metrics = run("--data-path", pennfudan_dir, *parts, "--val-size", 3, "--epochs", 1, "--output-dir", out, *TINY)
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert checkpoint["model_args"]["backbone"] == "resnet18" and checkpoint["model_args"]["neck"] == "pafpn"
+    old = {k: v for k, v in checkpoint.items() if k != "model_args"}  # the checkpoint format before this one
+    torch.save(old, tmp_path / "old.pth")
+    for path in (out / "checkpoint.pth", tmp_path / "old.pth"):
+        capsys.readouterr()
+        again = run("--data-path", pennfudan_dir, "--val-size", 3, "--output-dir", tmp_path / "eval", "--test-only",
+                    "--resume", path, *TINY)  # fmt: skip
+        assert "holds a fasterrcnn model: using that" in capsys.readouterr().out
+        assert again["bbox"] == metrics["bbox"]
+        model = predict.load_model(path)
+        assert model.rpn.head.cls_logits.out_channels == 4  # 1 size x 4 ratios per location
+        assert type(model.backbone.fpn).__name__ == "PAFPN" and model.class_names == ["person"]
