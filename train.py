@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import types
 
 import torch
 
@@ -336,9 +337,7 @@ def create_model(args, num_classes, checkpoint, device, local_rank):
                 model = get_model(args, num_classes, args.load_from or args.weights)
             speed = dict(channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=args.fast_roi_align)
             prepare_model(model, device, args.data_augmentation == "multiscale", **speed, compile=args.compile)
-        except ValueError as e:  # parts that do not fit: anchors for another number of maps, --neck on a named model
-            problem = str(e)
-        except utils.SetupError as e:
+        except (ValueError, utils.SetupError) as e:  # ValueError: parts that do not fit (anchors, --neck, ...)
             problem = str(e)
     if utils.any_rank(problem):
         raise utils.SetupError(problem or "another process could not build the model (above)")
@@ -394,13 +393,13 @@ def find_resume(args):
     return resume
 
 
-def resume_from(checkpoint, args, optimizer, lr_scheduler, scaler):
+def resume_from(checkpoint, args, run):
     """Restore the optimizer, schedule and scaler (not for --test-only); returns (epoch, step, best AP, rng)."""
     if not args.test_only:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if run.scaler is not None and checkpoint.get("scaler"):
+            run.scaler.load_state_dict(checkpoint["scaler"])
     best_ap, first_step, rng = checkpoint.get("best_ap", -1.0), checkpoint.get("step") or 0, checkpoint.get("rng")
     start_epoch = checkpoint["epoch"] + (0 if first_step else 1)  # a stopped epoch continues at its next step
     if args.test_only:
@@ -436,137 +435,150 @@ def check_args(args):
 def main(args):
     check_args(args)
     with utils.distributed_run(args.device, args.output_dir) as (device, rank, world_size, local_rank):
-        with preemption.StopSignals() as stop:
-            return train(args, device, rank, world_size, local_rank, stop)
+        with preemption.StopSignals() as stop:  # SIGTERM / SIGINT / SIGUSR1: save at the next step, then stop
+            if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
+                args.lr = 0.005 * world_size * args.batch_size / 2
+                print(
+                    f"lr = 0.005 x {world_size} processes x {args.batch_size} images / 2 = {args.lr:g} (linear scaling)"
+                )
+            print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} " + " ".join(sys.argv))
+            print(json.dumps(vars(args), sort_keys=True))
+            utils.seed_everything(args.seed + rank)
+
+            print("Loading data")
+            checkpoint = get_checkpoint(args)  # --resume (auto: the output dir's latest, if any)
+            train_set, val_set, class_names = load_data(args, local_rank, checkpoint, world_size)
+            train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
+
+            print("Creating model")
+            model = create_model(args, len(class_names) + 1, checkpoint, device, local_rank)  # classes + background
+            if world_size > 1 and args.sync_bn:
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
+            model_without_ddp = model
+            if world_size > 1:
+                model = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=None if device.index is None else [device.index]
+                )
+                model_without_ddp = model.module
+
+            optimizer = get_optimizer(args, model_without_ddp)
+            lr_scheduler = get_lr_scheduler(args, optimizer)
+            amp_dtype = get_amp_dtype(args, device)
+            scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+            run = types.SimpleNamespace(  # what evaluation and the epochs need, by name
+                args=args, device=device, rank=rank, world_size=world_size, stop=stop, class_names=class_names,
+                train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader, val_set=val_set,
+                model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                amp_dtype=amp_dtype, scaler=scaler,
+            )  # fmt: skip
+
+            run.start_epoch, run.first_step, run.best_ap, run.rng = 0, 0, -1.0, None
+            if checkpoint is not None:
+                run.start_epoch, run.first_step, run.best_ap, run.rng = resume_from(checkpoint, args, run)
+
+            if args.test_only:
+                metrics = run_evaluation(run, final=True, show_dir=args.show_dir)
+                write_detections(args.out, metrics, val_set)
+                return metrics
+            return train_epochs(run)
 
 
-def train(args, device, rank, world_size, local_rank, stop):
-    """The recipe: data -> model -> optimizer and schedule -> resume -> test-only -> epochs."""
-    if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
-        args.lr = 0.005 * world_size * args.batch_size / 2
-        print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images / 2 = {args.lr:g} (linear scaling)")
-    print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} " + " ".join(sys.argv))
-    print(json.dumps(vars(args), sort_keys=True))
-    utils.seed_everything(args.seed + rank)
-
-    print("Loading data")
+def get_checkpoint(args):
+    """The --resume checkpoint, or None; it decides the model (a --model that differs gives way, with a note)."""
     resume = args.resume = find_resume(args)
     checkpoint = utils.load_checkpoint(resume) if resume else None
-    saved_model = checkpoint and checkpoint.get("model_args", checkpoint["args"])
-    if saved_model and saved_model.get("name", saved_model.get("model")) != args.model:  # rebuilt as it was trained
-        args.model = saved_model.get("name", saved_model.get("model"))
-        print(f"Note: {resume} holds a {args.model} model: using that")
-    train_set, val_set, class_names = load_data(args, local_rank, checkpoint, world_size)
-    train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
+    saved = checkpoint and checkpoint.get("model_args", {}).get("name", checkpoint["args"].get("model"))
+    if saved and saved != args.model:
+        print(f"Note: {resume} holds a {saved} model: using that")
+        args.model = saved
+    return checkpoint
 
-    print("Creating model")
-    model = create_model(args, len(class_names) + 1, checkpoint, device, local_rank)  # classes + background
-    if world_size > 1 and args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
-    model_without_ddp = model
-    if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=None if device.index is None else [device.index]
-        )
-        model_without_ddp = model.module
 
-    optimizer = get_optimizer(args, model_without_ddp)
-    lr_scheduler = get_lr_scheduler(args, optimizer)
-    amp_dtype = get_amp_dtype(args, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+def checkpoint_state(run, epoch, step=None):
+    """A checkpoint: plain values only, so it loads with weights_only=True; `step` of a stopped epoch."""
+    return {
+        "model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(), "scaler": run.scaler and run.scaler.state_dict(),
+        "epoch": epoch, "step": step, "rng": preemption.rng_state() if step else None,  # continues a stopped epoch
+        "best_ap": run.best_ap, "class_names": list(run.class_names), "args": vars(run.args),
+        "model_args": run.model_without_ddp.model_args,  # what model_from_checkpoint rebuilds it from
+    }  # fmt: skip
 
-    start_epoch, first_step, best_ap, rng = 0, 0, -1.0, None
-    if checkpoint is not None:
-        start_epoch, first_step, best_ap, rng = resume_from(checkpoint, args, optimizer, lr_scheduler, scaler)
 
-    def evaluation(final, show_dir=None):
-        return run_evaluation(
-            args, model, model_without_ddp, val_loader, device, class_names, amp_dtype, final, show_dir
-        )
-
-    if args.test_only:
-        metrics = evaluation(final=True, show_dir=args.show_dir)
-        write_detections(args.out, metrics, val_set)
-        return metrics
-
-    def state(epoch, step=None):  # a checkpoint: plain values only, so it loads with weights_only=True
-        return {
-            "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch, "step": step, "rng": preemption.rng_state() if step else None,  # a stopped epoch's
-            "best_ap": best_ap, "class_names": list(class_names), "args": vars(args),
-            "model_args": model_without_ddp.model_args,  # what model_from_checkpoint rebuilds it from
-        }  # fmt: skip
-
+def train_epochs(run):
+    """The epoch loop: train, evaluate every --eval-interval epochs, save checkpoints and log.jsonl, report."""
+    args, rank, loader = run.args, run.rank, run.train_loader
     log_file = os.path.join(args.output_dir, "log.jsonl")
     if rank == 0:
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     print("Start training")
-    start_time, train_seconds, metrics = time.time(), 0.0, {}
-    for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
-        train_loader.generator.manual_seed(args.seed + 1000 * epoch + rank)
+    start_time, train_seconds, metrics, first_step = time.time(), 0.0, {}, run.first_step
+    for epoch in range(run.start_epoch, args.epochs):
+        run.train_sampler.set_epoch(epoch)
+        loader.generator.manual_seed(args.seed + 1000 * epoch + rank)
         if first_step:  # resumed mid-epoch: skip the steps done, continue the random stream where it stopped
-            preemption.continue_epoch(train_loader, first_step, rng)
+            preemption.continue_epoch(loader, first_step, run.rng)
         else:
             # Reseed per epoch so the augmentation stream depends on (seed, epoch) only, not on what ran before:
             # a run resumed at this epoch sees the same random flips as one that never stopped.
             utils.seed_everything(args.seed + 1000 * epoch + rank)
-        steps_in_epoch, epoch_start = first_step + len(train_loader), time.time()
-        loop = dict(log_file=log_file, first_step=first_step, should_stop=stop, max_nonfinite=args.skip_nonfinite)
-        train_stats = train_one_epoch(
-            model, optimizer, train_loader, device, epoch, args.print_freq, scaler, amp_dtype, **loop
-        )
+        steps_in_epoch, epoch_start = first_step + len(loader), time.time()
+        loop = dict(log_file=log_file, first_step=first_step, should_stop=run.stop, max_nonfinite=args.skip_nonfinite)
+        train_stats = train_one_epoch(run.model, run.optimizer, loader, run.device, epoch, args.print_freq,
+                                      run.scaler, run.amp_dtype, **loop)  # fmt: skip
         first_step, train_seconds = 0, train_seconds + time.time() - epoch_start
         if train_stats["steps"] < steps_in_epoch:  # a signal arrived: save where we are and leave
-            utils.save_checkpoint(state(epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth")
+            utils.save_checkpoint(checkpoint_state(run, epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth")
             print(f"Stopped at epoch {epoch}, step {train_stats['steps']} of {steps_in_epoch}: "
                   f"{args.output_dir}/checkpoint.pth saved; continue with --resume auto")  # fmt: skip
             return {}
-        lr_scheduler.step()
+        run.lr_scheduler.step()
 
         metrics, val_loss = {}, {}
         if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
             last = epoch + 1 == args.epochs
-            metrics = evaluation(last, os.path.join(args.output_dir, "val_images") if last and rank == 0 else None)
+            metrics = run_evaluation(
+                run, last, os.path.join(args.output_dir, "val_images") if last and rank == 0 else None
+            )
             if args.val_loss:
-                val_loss = validation_loss(model_without_ddp, val_loader, device, amp_dtype)
+                val_loss = validation_loss(run.model_without_ddp, run.val_loader, run.device, run.amp_dtype)
                 print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
         ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))  # best.pth picks
-        is_best, best_ap = ap > best_ap, max(best_ap, ap)
-
-        checkpoint = state(epoch)
-        utils.save_checkpoint(checkpoint, args.output_dir, "checkpoint.pth")
-        if (epoch + 1) % args.save_interval == 0:
-            utils.save_checkpoint(checkpoint, args.output_dir, f"model_{epoch}.pth")
-        if is_best:
-            utils.save_checkpoint(checkpoint, args.output_dir, "best.pth")
+        is_best, run.best_ap = ap > run.best_ap, max(run.best_ap, ap)
+        state = checkpoint_state(run, epoch)
+        for name, due in (
+            ("checkpoint.pth", True),
+            (f"model_{epoch}.pth", (epoch + 1) % args.save_interval == 0),
+            ("best.pth", is_best),
+        ):
+            if due:
+                utils.save_checkpoint(state, args.output_dir, name)
         # rss_mb: this process's memory after the epoch, so a leak shows as growth from one epoch to the next
         log = {"epoch": epoch, "train": train_stats, "val_loss": val_loss, "rss_mb": utils.current_rss_mb()}
         log.update({k: v for k, v in metrics.items() if k != "detections"})
         if rank == 0:
             with open(log_file, "a") as f:
                 f.write(json.dumps(log) + "\n")
-        if epoch + 1 < args.epochs and stop():  # the signal came with the epoch's last step
+        if epoch + 1 < args.epochs and run.stop():  # the signal came with the epoch's last step
             print(f"Stopped after epoch {epoch}: {args.output_dir}/checkpoint.pth saved; continue with --resume auto")
             return metrics
 
     total = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total))}")
-    write_detections(args.out, metrics, val_set)
-    if rank == 0 and args.epochs > start_epoch:
+    write_detections(args.out, metrics, run.val_set)
+    if rank == 0 and args.epochs > run.start_epoch:
         import report  # report.md: metrics, curves, drawn validation images, throughput
 
-        images = (args.epochs - start_epoch) * len(train_loader) * args.batch_size * world_size
+        images = (args.epochs - run.start_epoch) * len(loader) * args.batch_size * run.world_size
         report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
     return metrics
 
 
-def run_evaluation(args, model, model_without_ddp, val_loader, device, class_names, amp_dtype, final, show_dir=None):
+def run_evaluation(run, final, show_dir=None):
     """The --eval metrics; on the `final` evaluation the --tta ones too, under "tta", with the AP they change."""
-    metrics = {}
-    options = dict(class_names=class_names, amp_dtype=amp_dtype)
+    args, model, val_loader, device, metrics = run.args, run.model, run.val_loader, run.device, {}
+    options = dict(class_names=run.class_names, amp_dtype=run.amp_dtype)
     if args.dataset == "voc":
         import voc_eval  # VOC's mAP@0.5 next to COCO's AP
 
@@ -577,12 +589,12 @@ def run_evaluation(args, model, model_without_ddp, val_loader, device, class_nam
     if "proposal" in args.eval:
         import proposals  # the RPN's recall, to tune anchors
 
-        metrics["proposal"] = proposals.evaluate_proposals(model, val_loader, device, amp_dtype=amp_dtype)
+        metrics["proposal"] = proposals.evaluate_proposals(model, val_loader, device, amp_dtype=run.amp_dtype)
     if final and "bbox" in args.eval and (args.tta != "none" or args.tta_scales):
         import tta  # test-time augmentation
 
         views = dict(hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
-        tta.evaluate_with_tta(model_without_ddp, val_loader, device, metrics, **views, **options)
+        tta.evaluate_with_tta(run.model_without_ddp, val_loader, device, metrics, **views, **options)
     return metrics
 
 
