@@ -181,7 +181,7 @@ def validation_loss(model, data_loader, device, amp_dtype=None):
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def _encode_masks(masks):
+def encode_masks(masks):
     """uint8/bool [N, H, W] -> COCO RLEs with str counts (json-ready)."""
     masks = masks.view(torch.uint8) if masks.dtype == torch.bool else masks.to(torch.uint8)  # a view: no copy
     rles = mask_util.encode(np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy()))
@@ -198,7 +198,7 @@ def xywh(boxes):
 def ground_truth(target, height, width):
     """One image's COCO 'image' entry and annotations (ids are assigned later)."""
     anns = []
-    masks = _encode_masks(target["masks"]) if "masks" in target else None
+    masks = encode_masks(target["masks"]) if "masks" in target else None
     for i, (box, label) in enumerate(zip(xywh(target["boxes"]), target["labels"].tolist())):
         ann = {"image_id": target["image_id"], "bbox": box, "category_id": label}
         ann["area"] = float(target["area"][i]) if "area" in target else box[2] * box[3]
@@ -217,7 +217,7 @@ def _detections(output, image_id):
     boxes, scores, labels = xywh(output["boxes"]), output["scores"].tolist(), output["labels"].tolist()
     masks = [None] * len(scores)
     if "masks" in output:  # probabilities [N, 1, H, W], or already cut by paste_masks
-        masks = _encode_masks(
+        masks = encode_masks(
             output["masks"][:, 0] if output["masks"].dtype == torch.bool else output["masks"][:, 0] > 0.5
         )
     keypoints = output["keypoints"].flatten(1).tolist() if "keypoints" in output else [None] * len(scores)

@@ -36,7 +36,7 @@ from torchvision.ops import box_iou
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
 import common  # noqa: E402
-from convert_dataset import _coordinate, parallel_map  # noqa: E402  (this script's folder)
+from convert_dataset import coordinate, parallel_map  # noqa: E402  (this script's folder)
 
 from datasets.coco import REQUIRED_FIELDS  # noqa: E402
 from datasets.common import boxes_and_labels, load_json, read_classes  # noqa: E402
@@ -100,7 +100,7 @@ def px(size):
 def obj(cls, label, box, valid, ignore, written, raw=None, mask=None):
     """One object as written: cls its class name (None: unknown), box pixel edges XYXY, valid the format's own box
     test, written the coordinates as in the file (shown in the report), raw what --fix edits, mask (w, h) of an RLE."""
-    written = [_coordinate(v) for v in written]
+    written = [coordinate(v) for v in written]
     fields = dict(cls=cls, label=label, box=box, valid=valid, ignore=ignore, written=written, raw=raw, mask=mask)
     return fields | {"fix": None}  # check() plans it: "drop" or a clipped box
 
@@ -369,7 +369,7 @@ def fix_voc(records, root, out):
             elif o["fix"]:
                 x1, y1, x2, y2 = o["fix"]  # pixel edges back to VOC's 1-based numbering
                 for tag, value in zip(BOX_TAGS, (x1 + 1, y1 + 1, x2, y2)):
-                    element.find(f"bndbox/{tag}").text = str(_coordinate(value))
+                    element.find(f"bndbox/{tag}").text = str(coordinate(value))
         (out / "Annotations" / r["name"]).write_text(ET.tostring(tree.getroot(), encoding="unicode") + "\n")
     # split entries without an xml or a readable image go (VOCDetection stops on them); escaping ones are left as is
     kept = {r["raw"] for r in records if not r["drop"]}
@@ -391,12 +391,12 @@ def fix_file(dataset, records, data, out_file):
         for o in r["objects"]:
             if dataset == "coco" and o["fix"] not in (None, "drop"):
                 x1, y1, x2, y2 = o["fix"]
-                o["raw"]["bbox"] = [_coordinate(v) for v in (x1, y1, x2 - x1, y2 - y1)]
+                o["raw"]["bbox"] = [coordinate(v) for v in (x1, y1, x2 - x1, y2 - y1)]
         ann = r["raw"].get("ann") if dataset == "custom" else None
         for key, label_key in (("bboxes", "labels"), ("bboxes_ignore", "labels_ignore")) if ann else ():
             kept = [o for o in r["objects"] if o["raw"][0] == key and o["fix"] != "drop"]
             if key in ann:
-                ann[key] = [[_coordinate(v) for v in o["fix"] or o["box"]] for o in kept]
+                ann[key] = [[coordinate(v) for v in o["fix"] or o["box"]] for o in kept]
                 ann[label_key] = [o["raw"][1] for o in kept]
     if dataset == "coco":
         gone = {id(o["raw"]) for r in records for o in r["objects"] if r["drop"] or o["fix"] == "drop"}

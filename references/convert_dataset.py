@@ -148,7 +148,7 @@ def parallel_map(function, tasks, workers, what):
         return list(progress(pool.map(function, tasks, chunksize=max(1, total // (4 * workers)))))
 
 
-def _coordinate(value):
+def coordinate(value):
     """A coordinate as written to json or xml: an int when whole, else rounded to 1e-6 px.
 
     (xmin - 1) + 1 can differ from xmin in the last bit of a float; the rounding makes 273.3 come back as 273.3.
@@ -309,8 +309,8 @@ def write_coco(records, classes, out):
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": label + 1,
-                    "bbox": [_coordinate(v) for v in (x1, y1, w, h)],
-                    "area": _coordinate(w * h),
+                    "bbox": [coordinate(v) for v in (x1, y1, w, h)],
+                    "area": coordinate(w * h),
                     "iscrowd": ignore,  # an ignored region with a box and no segmentation
                 }
             )
@@ -332,7 +332,7 @@ def write_custom(records, classes, out):
         ann = {}
         for flag, box_key, label_key in ((0, "bboxes", "labels"), (1, "bboxes_ignore", "labels_ignore")):
             chosen = [i for i, ignore in enumerate(record["ignore"]) if ignore == flag]
-            boxes = [[_coordinate(v) for v in record["boxes"][i]] for i in chosen]
+            boxes = [[coordinate(v) for v in record["boxes"][i]] for i in chosen]
             labels = [record["labels"][i] for i in chosen]
             if pkl:  # mmdetection indexes these as arrays, shape (0, 4) when empty
                 boxes, labels = np.array(boxes, np.float32).reshape(-1, 4), np.array(labels, np.int64)
@@ -398,7 +398,7 @@ def write_voc(records, classes, out, split, images, workers):
     for image_id, record in zip(ids, records):
         objects = [
             # pixel edges back to VOC's 1-based inclusive numbering: xmin = x1 + 1, xmax = x2
-            (classes[label], [_coordinate(v) for v in (x1 + 1, y1 + 1, x2, y2)], ignore)
+            (classes[label], [coordinate(v) for v in (x1 + 1, y1 + 1, x2, y2)], ignore)
             for (x1, y1, x2, y2), label, ignore in zip(record["boxes"], record["labels"], record["ignore"])
         ]
         tasks.append((out / "Annotations" / f"{image_id}.xml", record["width"], record["height"], objects))
