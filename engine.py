@@ -48,20 +48,8 @@ def _without_crowd(target):
     return {k: v[keep] if k in PER_INSTANCE_KEYS else v for k, v in target.items()}
 
 
-def train_one_epoch(
-    model,
-    optimizer,
-    data_loader,
-    device,
-    epoch,
-    print_freq,
-    scaler=None,
-    amp_dtype=None,
-    log_file=None,
-    first_step=0,
-    should_stop=None,
-    max_nonfinite=0,
-):
+def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,
+                    log_file=None, first_step=0, should_stop=None, max_nonfinite=0):  # fmt: skip
     """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
 
     Returns the epoch's mean of each loss (and of lr) and "steps": the steps of this epoch done so far. Every
@@ -295,18 +283,8 @@ def load_results(coco_gt, images, results, class_names):
 
 
 @torch.inference_mode()
-def evaluate(
-    model,
-    data_loader,
-    device,
-    class_names=None,
-    amp_dtype=None,
-    print_freq=50,
-    scorers=(),
-    show_dir=None,
-    show_count=None,
-    show_thresh=0.5,
-):
+def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print_freq=50, scorers=(),
+             show_dir=None, show_count=None, show_thresh=0.5):  # fmt: skip
     """Run the model over `data_loader` and score it with pycocotools (bbox, plus segm for mask models).
 
     Ground truth is built from the targets the loader yields, so any dataset that follows the contract works.

@@ -38,18 +38,8 @@ def get_pennfudan(root, train_transforms, val_transforms, val_size=None, split_s
     return Subset(train_full, train_idx), Subset(val_full, val_idx), list(PENNFUDAN_CLASSES)
 
 
-def get_coco(
-    root,
-    train_transforms,
-    val_transforms,
-    train_ann=None,
-    val_ann=None,
-    train_images=None,
-    val_images=None,
-    masks=False,
-    keep_empty=True,
-    strict=False,
-):
+def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=None, train_images=None,
+             val_images=None, masks=False, keep_empty=True, strict=False):  # fmt: skip
     """COCO json: ROOT/{train,val}2017/ and ROOT/annotations/instances_{train,val}2017.json unless given.
 
     strict (all builders but Penn-Fudan): refuse zero-size or outside boxes instead of dropping them with a warning.
@@ -98,17 +88,8 @@ def get_coco(
     return train, val, train.classes
 
 
-def get_voc(
-    root,
-    train_transforms,
-    val_transforms,
-    classes=None,
-    train_split="train",
-    val_split="val",
-    val_size=None,
-    split_seed=0,
-    strict=False,
-):
+def get_voc(root, train_transforms, val_transforms, classes=None, train_split="train", val_split="val",
+            val_size=None, split_seed=0, strict=False):  # fmt: skip
     """Pascal VOC layout; without ImageSets/Main/{split}.txt every xml in Annotations/ is used, split seeded."""
     classes = read_classes(classes) if classes else list(VOC_CLASSES)
     if (Path(root) / "ImageSets" / "Main" / f"{train_split}.txt").is_file():
@@ -122,17 +103,8 @@ def get_voc(
     return train, val, list(classes)
 
 
-def get_custom(
-    root,
-    train_transforms,
-    val_transforms,
-    train_ann=None,
-    val_ann=None,
-    classes=None,
-    val_size=None,
-    split_seed=0,
-    strict=False,
-):
+def get_custom(root, train_transforms, val_transforms, train_ann=None, val_ann=None, classes=None, val_size=None,
+               split_seed=0, strict=False):  # fmt: skip
     """mmdetection's list-of-dicts (.json / .pkl) with images under ROOT; one file is split seeded."""
     if not train_ann or not classes:
         raise SetupError("--dataset custom needs --ann-file FILE (.json or .pkl) and --classes a,b,c (or classes.txt)")
