@@ -178,7 +178,7 @@ def test_paste_masks_equals_torchvision_paste_then_threshold():
         assert pasted.dtype == torch.bool and pasted.shape == expected.shape and torch.equal(pasted, expected)
         # each mask column-major in memory: what pycocotools encodes, and the RLE matches the thresholded probabilities
         assert pasted[:, 0].permute(1, 2, 0).numpy().flags["F_CONTIGUOUS"]
-        assert engine._encode_masks(pasted[:, 0]) == engine._encode_masks(expected[:, 0])
+        assert engine.encode_masks(pasted[:, 0]) == engine.encode_masks(expected[:, 0])
 
 
 def test_evaluate_scores_the_same_masks_as_torchvision_paste():
