@@ -22,12 +22,10 @@ from pathlib import Path
 from utils import SetupError
 
 from .coco import CocoDetection, placeholder_categories
-from .common import Subset, choose_val_size, random_split, read_classes
-from .custom import CustomDataset
+from .common import Subset, choose_val_size, random_split
 from .images import cache_images  # noqa: F401 - datasets.cache_images
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
 from .pennfudan import PennFudanDataset
-from .voc import VOC_CLASSES, VOCDetection, list_annotation_ids
 
 
 def get_pennfudan(root, train_transforms, val_transforms, val_size=None, split_seed=0, download=True):
@@ -88,33 +86,18 @@ def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=Non
     return train, val, train.classes
 
 
-def get_voc(root, train_transforms, val_transforms, classes=None, train_split="train", val_split="val",
-            val_size=None, split_seed=0, strict=False):  # fmt: skip
-    """Pascal VOC layout; without ImageSets/Main/{split}.txt every xml in Annotations/ is used, split seeded."""
-    classes = read_classes(classes) if classes else list(VOC_CLASSES)
-    if (Path(root) / "ImageSets" / "Main" / f"{train_split}.txt").is_file():
-        train_ids = val_ids = None
-    else:
-        ids = list_annotation_ids(root)
-        train_idx, val_idx = random_split(len(ids), choose_val_size(len(ids), val_size), split_seed)
-        train_ids, val_ids = [ids[i] for i in train_idx], [ids[i] for i in val_idx]
-    train = VOCDetection(root, train_split, classes, train_transforms, split_ids=train_ids, strict=strict)
-    val = VOCDetection(root, val_split, classes, val_transforms, split_ids=val_ids, strict=strict)
-    return train, val, list(classes)
+def get_voc(root, train_transforms, val_transforms, **options):
+    """Pascal VOC XML (voc_dataset.py, an extra: import it where the flag asks for it)."""
+    import voc_dataset
+
+    return voc_dataset.get_voc(root, train_transforms, val_transforms, **options)
 
 
-def get_custom(root, train_transforms, val_transforms, train_ann=None, val_ann=None, classes=None, val_size=None,
-               split_seed=0, strict=False):  # fmt: skip
-    """mmdetection's list-of-dicts (.json / .pkl) with images under ROOT; one file is split seeded."""
-    if not train_ann or not classes:
-        raise SetupError("--dataset custom needs --ann-file FILE (.json or .pkl) and --classes a,b,c (or classes.txt)")
-    classes = read_classes(classes)
-    train = CustomDataset(train_ann, root, classes, train_transforms, strict)
-    if val_ann:
-        return train, CustomDataset(val_ann, root, classes, val_transforms, strict), classes
-    train_idx, val_idx = random_split(len(train), choose_val_size(len(train), val_size), split_seed)
-    val = CustomDataset(train_ann, root, classes, val_transforms, strict)
-    return Subset(train, train_idx), Subset(val, val_idx), classes
+def get_custom(root, train_transforms, val_transforms, **options):
+    """mmdetection's list of dicts (custom_dataset.py, an extra)."""
+    import custom_dataset
+
+    return custom_dataset.get_custom(root, train_transforms, val_transforms, **options)
 
 
 # --dataset name -> builder(root, train_transforms, val_transforms, **options)

@@ -1,7 +1,7 @@
 """What the dataset classes share: json and class-list reading, box checks, the box-records base class, splits.
 
-Dataset files (coco.py, voc.py, custom.py, pennfudan.py) and the reference tools import these; images.py reads
-the image files.
+The dataset classes (coco.py, pennfudan.py; voc_dataset.py and custom_dataset.py among the extras) and the reference
+tools import these; images.py reads the image files.
 """
 
 import json

@@ -183,9 +183,11 @@ def run_worker(argv, config):
 
 
 def train_for_accuracy(argv, config, args):
-    """train.py for --accuracy-epochs in a child process; its final metrics from log.jsonl."""
+    """train.py for --accuracy-epochs in a child process; its final metrics from log.jsonl. The run keeps its
+    checkpoint.pth and best.pth (no model_{epoch}.pth: a measurement, not a model to keep)."""
     out = os.path.join(os.path.dirname(args.json) or ".", f"accuracy_{config}")
-    flags = [*argv, *CONFIGS[config][0], "--epochs", str(args.accuracy_epochs), "--output-dir", out]
+    epochs = ["--epochs", str(args.accuracy_epochs), "--save-interval", str(args.accuracy_epochs + 1)]
+    flags = [*argv, *CONFIGS[config][0], *epochs, "--output-dir", out]
     command = [sys.executable, str(Path(__file__).resolve().parents[1] / "train.py"), *flags]
     tic = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)

@@ -13,9 +13,11 @@ from PIL import Image
 from test_convert_dataset import make_voc
 from test_datasets_formats import write_coco, write_middle
 
+import custom_dataset
 import datasets
 import models
 import skip_bad_images
+import voc_dataset
 
 sys.path.insert(0, str(REPO / "references"))
 import anchor_helper  # noqa: E402
@@ -91,11 +93,14 @@ def test_dataset_boxes_match_the_samples_without_decoding_images(tmp_path, monke
     make_pennfudan(tmp_path / "ped", num_images=4)
     built = {
         "coco": datasets.CocoDetection(img_folder, ann_file),  # has an iscrowd region
-        "custom": datasets.CustomDataset(write_middle(tmp_path / "mid", ".json"), tmp_path / "mid" / "img", "abc"),
+        "custom": custom_dataset.CustomDataset(
+            write_middle(tmp_path / "mid", ".json"), tmp_path / "mid" / "img", "abc"
+        ),
         "pennfudan": datasets.Subset(datasets.PennFudanDataset(tmp_path / "ped"), [3, 1]),
     }
     voc_root = make_voc(tmp_path / "voc")  # difficult objects, and an xml without <size>
-    built["voc"] = datasets.VOCDetection(voc_root, classes=["cat", "dog"], split_ids=["img0", "img1", "img2", "img3"])
+    ids = ["img0", "img1", "img2", "img3"]
+    built["voc"] = voc_dataset.VOCDetection(voc_root, classes=["cat", "dog"], split_ids=ids)
     built["skip"] = skip_bad_images.SkipBadImages(built["custom"])
     expected = {}
     for name, ds in built.items():

@@ -14,7 +14,9 @@ from conftest import SHARED_DATA
 from PIL import Image
 from torchvision import tv_tensors
 
-from datasets import coco, common, custom, voc
+import custom_dataset as custom
+import voc_dataset as voc
+from datasets import coco, common
 from utils import SetupError
 
 

@@ -12,7 +12,8 @@ from conftest import REPO, SHARED_DATA, make_pennfudan
 from PIL import Image
 
 import skip_bad_images
-from datasets import coco, images, pennfudan, voc
+import voc_dataset as voc
+from datasets import coco, images, pennfudan
 from utils import SetupError
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+import custom_dataset as custom
 import datasets
 import train
 import utils
-from datasets import custom
 from utils import SetupError
 
 

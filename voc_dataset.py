@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
+from datasets.common import BoxChecker, BoxRecords, choose_val_size, random_split, read_classes
+from datasets.images import image_size
 from utils import SetupError
-
-from .common import BoxChecker, BoxRecords
-from .images import image_size
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -170,3 +169,18 @@ class VOCDetection(BoxRecords):
 
     def __repr__(self):
         return f"VOCDetection(root={str(self.root)!r}, {len(self)} images, classes={self.classes})"
+
+
+def get_voc(root, train_transforms, val_transforms, classes=None, train_split="train", val_split="val",
+            val_size=None, split_seed=0, strict=False):  # fmt: skip
+    """Pascal VOC layout; without ImageSets/Main/{split}.txt every xml in Annotations/ is used, split seeded."""
+    classes = read_classes(classes) if classes else list(VOC_CLASSES)
+    if (Path(root) / "ImageSets" / "Main" / f"{train_split}.txt").is_file():
+        train_ids = val_ids = None
+    else:
+        ids = list_annotation_ids(root)
+        train_idx, val_idx = random_split(len(ids), choose_val_size(len(ids), val_size), split_seed)
+        train_ids, val_ids = [ids[i] for i in train_idx], [ids[i] for i in val_idx]
+    train = VOCDetection(root, train_split, classes, train_transforms, split_ids=train_ids, strict=strict)
+    val = VOCDetection(root, val_split, classes, val_transforms, split_ids=val_ids, strict=strict)
+    return train, val, list(classes)

@@ -18,9 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datasets.common import (
+    BoxChecker,
+    BoxRecords,
+    Subset,
+    boxes_and_labels,
+    choose_val_size,
+    load_json,
+    random_split,
+    read_classes,
+)
 from utils import SetupError
-
-from .common import BoxChecker, BoxRecords, boxes_and_labels, load_json
 
 # The only globals a .pkl of arrays, lists and dicts needs. numpy rebuilds arrays with _reconstruct (pickle
 # protocols 0-4) or _frombuffer (protocol 5) and scalars such as np.int64 widths with scalar; numpy 2 moved
@@ -142,3 +150,17 @@ class CustomDataset(BoxRecords):
 
     def __repr__(self):
         return f"CustomDataset(ann_file={str(self.ann_file)!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def get_custom(root, train_transforms, val_transforms, train_ann=None, val_ann=None, classes=None, val_size=None,
+               split_seed=0, strict=False):  # fmt: skip
+    """mmdetection's list-of-dicts (.json / .pkl) with images under ROOT; one file is split seeded."""
+    if not train_ann or not classes:
+        raise SetupError("--dataset custom needs --ann-file FILE (.json or .pkl) and --classes a,b,c (or classes.txt)")
+    classes = read_classes(classes)
+    train = CustomDataset(train_ann, root, classes, train_transforms, strict)
+    if val_ann:
+        return train, CustomDataset(val_ann, root, classes, val_transforms, strict), classes
+    train_idx, val_idx = random_split(len(train), choose_val_size(len(train), val_size), split_seed)
+    val = CustomDataset(train_ann, root, classes, val_transforms, strict)
+    return Subset(train, train_idx), Subset(val, val_idx), classes
