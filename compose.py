@@ -1,11 +1,11 @@
 """Detectors composed from parts chosen by name: an ImageNet backbone (BACKBONES), a neck (NECKS: none, fpn, pafpn),
-anchors (`anchor_generator`) and a head (HEADS: fasterrcnn, maskrcnn, retinanet, fcos).
+anchors (anchors.py) and a head (HEADS: fasterrcnn, maskrcnn, retinanet, fcos).
 
     model = compose.compose("retinanet", num_classes=3, backbone="convnext_tiny", neck="pafpn")
 
-train.py enters here for --model fasterrcnn/maskrcnn/retinanet/fcos (with --backbone, --neck) and for --anchor-sizes /
---anchor-ratios on a named R-CNN (`set_anchors`); `load_matching` loads a file into a composed model wherever keys and
-shapes match. Delete this file and those calls and train.py trains torchvision's named models as before.
+train.py enters here for --model fasterrcnn/maskrcnn/retinanet/fcos (with --backbone, --neck); `load_matching` loads
+a file into a composed model wherever keys and shapes match. Delete this file and those calls and train.py trains
+torchvision's named models as before.
 """
 
 from collections import OrderedDict
@@ -18,7 +18,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScale
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import models
-from models import anchor_generator
+from anchors import anchor_generator
 
 # The blocks of each ImageNet classifier that end its stride 4, 8, 16, 32 stages (maps C2..C5: C_l is 2^l px per
 # cell), and their channels. ResNets name their stages; the others count the blocks of their `features` Sequential.

@@ -4,13 +4,10 @@ import contextlib
 import io
 import json
 import math
-import os
-from collections import defaultdict
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -39,13 +36,31 @@ def readable(images, targets):
     return [images[i] for i in keep], [targets[i] for i in keep], len(targets) - len(keep)
 
 
-def _without_crowd(target):
+def without_crowd(target):
     # Crowd / ignored regions are ground truth for evaluation only: torchvision's R-CNN losses have no "ignore"
     # label, so training on them would teach the model that a crowd is one object.
     if "iscrowd" not in target or not target["iscrowd"].any():
         return target
     keep = target["iscrowd"] == 0
     return {k: v[keep] if k in PER_INSTANCE_KEYS else v for k, v in target.items()}
+
+
+def warm_up(optimizer, epoch, step, warmup_iters):
+    """The first epoch's lr warm-up: lr/1000 at step 0, rising linearly to lr at step warmup_iters."""
+    if epoch != 0 or step > warmup_iters:
+        return
+    for group in optimizer.param_groups:
+        if step < warmup_iters:
+            group["lr"] = group["initial_lr"] * (1e-3 + (1 - 1e-3) * step / warmup_iters)
+        else:
+            group["lr"] = group["initial_lr"]
+
+
+def log_step(log_file, epoch, step, loss, loss_dict, lr):
+    """One JSON line of the step's losses and lr in `log_file` (log.jsonl), between the epochs' lines."""
+    record = {"epoch": epoch, "iter": step, "loss": loss, "lr": lr, **{k: v.item() for k, v in loss_dict.items()}}
+    with open(log_file, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,
@@ -78,14 +93,9 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         empty = not images
         if empty:
             images, targets = _blank_sample(model)
-        if step < warmup_iters:  # lr/1000 at step 0, rising linearly to lr at step warmup_iters
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * (1e-3 + (1 - 1e-3) * step / warmup_iters)
-        elif step == warmup_iters and epoch == 0:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"]
+        warm_up(optimizer, epoch, step, warmup_iters)
         images = [image.to(device, non_blocking=True) for image in images]
-        targets = [_without_crowd(to_device(t, device)) for t in targets]
+        targets = [without_crowd(to_device(t, device)) for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         if empty:
@@ -114,10 +124,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         metric_logger.update(loss=loss_value, **loss_dict_reduced)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if log_file and (step - 1) % print_freq == 0 and utils.is_main_process():
-            record = {"epoch": epoch, "iter": step - 1, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}
-            record.update({k: v.item() for k, v in loss_dict_reduced.items()})
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            log_step(log_file, epoch, step - 1, loss_value, loss_dict_reduced, optimizer.param_groups[0]["lr"])
         if should_stop is not None and should_stop():
             break
     metric_logger.synchronize_between_processes()
@@ -134,38 +141,6 @@ def _blank_sample(model):
     if heads is not None and heads.has_keypoint():
         target["keypoints"] = torch.zeros((0, heads.keypoint_predictor.kps_score_lowres.out_channels, 3))
     return [torch.zeros(3, 64, 64)], [target]
-
-
-@torch.no_grad()
-def validation_loss(model, data_loader, device, amp_dtype=None):
-    """Mean losses on the validation set, comparable with the training losses.
-
-    torchvision's R-CNN models return losses only in training mode, so this runs them in training mode without
-    gradients, with every BatchNorm layer kept in eval mode so validation images do not move its statistics.
-    """
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.eval()
-    totals = defaultdict(float)  # loss name -> sum over this rank's batches; "batches" counts them
-    for images, targets in data_loader:
-        images, targets, _ = readable(images, targets)
-        if not images:  # no collective inside this loop: ranks may see different numbers of batches
-            continue
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [_without_crowd(to_device(t, device)) for t in targets]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss_dict = model(images, targets)
-        for name, value in {"loss": sum(loss_dict.values()), **loss_dict}.items():
-            totals[name] += float(value)
-        totals["batches"] += 1
-    model.eval()
-    merged = defaultdict(float)  # every rank's sums, even from a rank that had nothing to score
-    for part in utils.all_gather(dict(totals)):
-        for name, value in part.items():
-            merged[name] += value
-    batches = merged.pop("batches", 0)
-    return {name: value / batches for name, value in merged.items()}
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -283,22 +258,18 @@ def load_results(coco_gt, images, results, class_names):
 
 
 @torch.inference_mode()
-def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print_freq=50, scorers=(),
-             show_dir=None, show_count=None, show_thresh=0.5):  # fmt: skip
+def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print_freq=50, scorers=(), on_image=None):
     """Run the model over `data_loader` and score it with pycocotools (bbox, plus segm for mask models).
 
     Ground truth is built from the targets the loader yields, so any dataset that follows the contract works.
     Under torchrun each rank evaluates its share; results are gathered and the duplicates that the sampler's
     padding adds are dropped, so the numbers equal a single-process evaluation. Each of `scorers`, f(annotations,
     detections, class_names) -> dict of more metrics, runs on rank 0 after COCOeval (voc_eval.score: VOC's mAP@0.5).
-    `show_dir` receives drawn predictions (score >= show_thresh, ground truth in red) of the first `show_count`
-    images (all when None) as {image_id}.png. Returns
+    `on_image(image, target, output)` is called for every image (draw.ImageSaver saves them drawn). Returns
     {"bbox": {"AP": .., "AP50": .., ...}, "bbox_per_class": {name: {"AP": .., "AP50": ..}}, ..., "detections": [...]}
     """
     model.eval()
     metric_logger = utils.MetricLogger()
-    if show_dir:
-        os.makedirs(show_dir, exist_ok=True)
     per_image = {}  # image_id -> (image entry, ground-truth annotations, detections)
     # segm / keypoints are scored when the model predicts them and the dataset has them
     score_masks = score_keypoints = True
@@ -315,9 +286,8 @@ def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print
             score_keypoints = score_keypoints and "keypoints" in output and "keypoints" in target
             image_entry, anns = ground_truth(target, *image.shape[-2:])
             per_image[target["image_id"]] = (image_entry, anns, _detections(output, target["image_id"]))
-            if show_dir and (show_count is None or len(per_image) <= show_count):
-                drawn = utils.draw_predictions(image, output, class_names or [], show_thresh, target=target)
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(f"{show_dir}/{target['image_id']}.png")
+            if on_image is not None:
+                on_image(image, target, output)
 
     gathered = gather_records(per_image, (score_masks, score_keypoints))
     return share(_score(*gathered, class_names, scorers) if gathered is not None else None)

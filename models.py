@@ -4,7 +4,9 @@ The fine-tuning recipe of the torchvision tutorial, as one function (`get_model`
 weights (91 classes), then replace the box predictor (and the mask predictor) by fresh ones for `num_classes`.
 `num_classes` counts the background: a dataset with K classes needs num_classes = K + 1.
 `build` makes the same model with random weights, laid out as for pretrained ones when `pretrained` (frozen BatchNorm,
-early stages frozen): what a checkpoint or a local weights file is loaded into (`load_weights`).
+early stages frozen): what a checkpoint or a local weights file is loaded into (`load_weights`);
+`model_from_checkpoint` rebuilds a train.py checkpoint's model from its model_args, `prepare_model` readies a model
+on its device. The composed detectors (COMPOSED) are built by compose.py, an extra.
 """
 
 import os
@@ -18,7 +20,14 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
+import transforms
 from utils import SetupError
+
+# --model names built from parts by compose.py (with --backbone and --neck)
+COMPOSED = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
+# train.py flags that are also model constructor arguments (absent: the model's defaults)
+MODEL_OPTIONS = ("min_size", "max_size", "box_score_thresh", "backbone", "neck", "anchor_sizes", "anchor_ratios")
+
 
 # --model names served by torchvision's builders (with COCO weights under weights="DEFAULT")
 TORCHVISION_MODELS = (
@@ -50,46 +59,6 @@ def fasterrcnn_mobilenet_v2(num_classes, weights_backbone=None, pretrained=None,
 
 
 MODELS = TORCHVISION_MODELS + ("fasterrcnn_mobilenet_v2",)
-
-
-def anchor_generator(num_maps, sizes=None, ratios=None, scales=(1.0,)):
-    """Anchors for `num_maps` feature maps, finest first. sizes (px): one tuple per map, or flat: one size per map (or
-    all on the only map). ratios (h/w): one tuple per map, or flat for every map. Default: 32, 64, ... px, each x
-    `scales`, one per map (all five 32-512 on a single map), ratios 0.5, 1, 2."""
-    if not sizes:
-        single = num_maps == 1  # one map has to hold every object size
-        sizes = [(32, 64, 128, 256, 512)] if single else [[int(32 * 2**i * s) for s in scales] for i in range(num_maps)]
-    if not isinstance(sizes[0], (tuple, list)):
-        sizes = [sizes] if num_maps == 1 else [[size] for size in sizes]
-    ratios = ratios or (0.5, 1.0, 2.0)
-    ratios = [ratios] * num_maps if not isinstance(ratios[0], (tuple, list)) else ratios
-    if not len(sizes) == len(ratios) == num_maps:
-        raise ValueError(
-            f"{len(sizes)} groups of anchor sizes and {len(ratios)} of ratios for {num_maps} feature maps: give one "
-            f"per map (finest first), e.g. anchor_sizes={tuple((32 * 2**i,) for i in range(num_maps))}"
-        )
-    if len({len(s) * len(r) for s, r in zip(sizes, ratios)}) > 1:  # the head's convolution is shared by every map
-        raise ValueError(f"every map needs as many anchors (sizes x ratios): {sizes} x {ratios}")
-    return AnchorGenerator(tuple(map(tuple, sizes)), tuple(map(tuple, ratios)))
-
-
-def set_anchors(model, sizes=None, ratios=None):
-    """New anchors for a built R-CNN's RPN (see anchor_generator); None keeps the current sizes / ratios."""
-    if sizes is None and ratios is None:
-        return model
-    old, head = model.rpn.anchor_generator, model.rpn.head
-    if sizes is not None and not isinstance(sizes[0], (tuple, list)) and any(len(s) > 1 for s in old.sizes):
-        sizes = [tuple(sizes)] * len(old.sizes)  # several sizes on every map (the mobilenet FPNs): keep that layout
-    model.rpn.anchor_generator = anchor_generator(len(old.sizes), sizes or old.sizes, ratios or old.aspect_ratios)
-    count = model.rpn.anchor_generator.num_anchors_per_location()[0]
-    if count != head.cls_logits.out_channels:
-        # The RPN head's per-anchor outputs are then fresh (random): only its shared 3x3 conv keeps trained weights
-        head.cls_logits = torch.nn.Conv2d(head.cls_logits.in_channels, count, 1)  # objectness logit per anchor
-        head.bbox_pred = torch.nn.Conv2d(head.bbox_pred.in_channels, 4 * count, 1)  # dx, dy, dw, dh per anchor
-        for layer in (head.cls_logits, head.bbox_pred):  # as torchvision's RPNHead
-            torch.nn.init.normal_(layer.weight, std=0.01)
-            torch.nn.init.zeros_(layer.bias)
-    return model
 
 
 def replace_predictors(model, num_classes):
@@ -200,10 +169,15 @@ def freeze_like_pretrained(model, name, trainable_layers=3):
 def build(name, num_classes, pretrained=False, trainable_backbone_layers=None, weights_backbone=None, **kwargs):
     """`name` for `num_classes` with random weights (ImageNet ones in the backbone with `weights_backbone`), laid out
     as for pretrained weights when `pretrained`: the structure a checkpoint of it loads into. kwargs: anchor_sizes,
-    anchor_ratios (see anchor_generator), and the model's own (min_size, max_size, box_score_thresh, ...).
+    anchor_ratios (anchors.py), and the model's own (min_size, max_size, box_score_thresh, ...).
     `model.model_args` keeps the arguments, so that build(**model_args) makes the same model again."""
+    if name in COMPOSED:
+        import compose  # an extra: backbone x neck x head
+
+        layers = dict(trainable_backbone_layers=trainable_backbone_layers, weights_backbone=weights_backbone)
+        return compose.build(name, num_classes, pretrained=pretrained, **layers, **kwargs)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS + COMPOSED)}")
     if "backbone" in kwargs or "neck" in kwargs:
         raise ValueError(f"{name} has its own backbone and neck; to choose them use --model fasterrcnn or maskrcnn")
     pretrained = pretrained or weights_backbone is not None
@@ -224,7 +198,10 @@ def build(name, num_classes, pretrained=False, trainable_backbone_layers=None, w
             raise ValueError(f"trainable_backbone_layers must be 0 to {6 if 'mobilenet' in name else 5}, not {layers}")
         if pretrained:
             freeze_like_pretrained(model, name, layers)
-    set_anchors(model, sizes, ratios)
+    if sizes is not None or ratios is not None:
+        import anchors  # --anchor-sizes, --anchor-ratios
+
+        anchors.set_anchors(model, sizes, ratios)
     model.model_args = model_args
     return model
 
@@ -255,8 +232,12 @@ def get_model(name, num_classes, weights="DEFAULT", weights_backbone=None, train
     checkpoint of this project, of any class count (mismatched predictors are replaced). kwargs go to `build`:
     anchor_sizes, anchor_ratios, min_size, max_size, box_score_thresh, ...
     """
+    if name in COMPOSED:
+        import compose
+
+        return compose.get_model(name, num_classes, weights, weights_backbone, trainable_backbone_layers, **kwargs)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS + COMPOSED)}")
     if name not in TORCHVISION_MODELS and str(weights).lower() == "default":
         weights, weights_backbone = None, weights_backbone or "DEFAULT"  # no COCO weights: ImageNet's backbone
     weights = resolve_weights(name, weights)
@@ -266,45 +247,52 @@ def get_model(name, num_classes, weights="DEFAULT", weights_backbone=None, train
         return load_weights(build(name, num_classes, pretrained_layout(state), **layers, **kwargs), state, weights)
     if weights is None:
         return build(name, num_classes, weights_backbone=backbone_weights(name, weights_backbone), **layers, **kwargs)
-    anchors = {k: kwargs.pop(k) for k in ("anchor_sizes", "anchor_ratios") if k in kwargs}
+    sizes, ratios = kwargs.pop("anchor_sizes", None), kwargs.pop("anchor_ratios", None)
     model = torchvision.models.get_model(name, weights=weights, **layers, **kwargs)  # COCO weights, then new heads
-    set_anchors(model, anchors.get("anchor_sizes"), anchors.get("anchor_ratios"))
-    model.model_args = dict(name=name, num_classes=num_classes, pretrained=True, **layers, **kwargs, **anchors)
+    if sizes is not None or ratios is not None:
+        import anchors
+
+        anchors.set_anchors(model, sizes, ratios)
+    model.model_args = dict(name=name, num_classes=num_classes, pretrained=True, **layers, **kwargs)
+    model.model_args.update({k: v for k, v in (("anchor_sizes", sizes), ("anchor_ratios", ratios)) if v is not None})
     return replace_predictors(model, num_classes) if num_classes != len(weights.meta["categories"]) else model
 
 
-class Float32Anchors(AnchorGenerator):
-    """torchvision's AnchorGenerator, making anchors in float32 whatever the feature maps' dtype. Under bf16 autocast
-    torchvision's takes the maps' bf16, whose 8-bit mantissa cannot tell x = 1024 from 1028: beyond 1024 px only 41
-    of 80 stride-4 anchor centres stay distinct (and its cell anchors stay rounded for later fp32 calls too)."""
-
-    def forward(self, image_list, feature_maps):
-        # the maps are read for their size, dtype and device only: empty float32 stand-ins carry all three
-        shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in feature_maps]
-        return super().forward(image_list, shapes)
-
-
-def _float32_outputs(module, inputs, output):
-    if isinstance(output, torch.Tensor):
-        return output.float().contiguous()  # contiguous: torchvision's losses .view() them (keypoints)
-    if isinstance(output, (tuple, list)):
-        return type(output)(_float32_outputs(module, inputs, o) for o in output)
-    if isinstance(output, dict):  # RetinaNet / FCOS heads
-        return {k: _float32_outputs(module, inputs, v) for k, v in output.items()}
-    return output
+def model_from_checkpoint(checkpoint, **options):
+    """The model of a train.py checkpoint, rebuilt from its model_args (older checkpoints: from their args) and
+    loaded, on the CPU; `options` replace model_args (min_size, ...)."""
+    model_args = checkpoint.get("model_args")
+    if model_args is None:  # written before checkpoints kept model_args: what train.py was given
+        args = checkpoint["args"]
+        model_args = {k: args[k] for k in MODEL_OPTIONS if args.get(k) is not None}
+        model_args.update(name=args["model"], num_classes=len(checkpoint["class_names"]) + 1)
+        model_args.update(pretrained=pretrained_layout(checkpoint["model"]))
+        model_args.update(trainable_backbone_layers=args.get("trainable_backbone_layers"))
+    model_args = {**model_args, **options}
+    model = build(**model_args)
+    model.load_state_dict(checkpoint["model"])
+    return model
 
 
-def float32_boxes(model):
-    """Keep box arithmetic in fp32 under bf16/fp16 autocast: anchors (Float32Anchors) and the heads' outputs (a
-    forward hook), so box decoding, anchor matching and the losses run in fp32 (bf16 has 8 bits of mantissa: at
-    x = 1000 px a box edge moves in steps of 4-8 px). No weight changes; in fp32 nothing changes."""
-    holder = model.rpn if hasattr(model, "rpn") else model  # RetinaNet / FCOS hold their own
-    old = getattr(holder, "anchor_generator", None)
-    if type(old) is AnchorGenerator:
-        holder.anchor_generator = Float32Anchors(old.sizes, old.aspect_ratios)
-    heads = [getattr(model, "rpn", None) and model.rpn.head, getattr(model, "head", None)]  # RPN; RetinaNet/FCOS
-    roi_heads = getattr(model, "roi_heads", None)
-    heads += [getattr(roi_heads, name, None) for name in ("box_predictor", "mask_predictor", "keypoint_predictor")]
-    for head in filter(None, heads):
-        head.register_forward_hook(_float32_outputs)
+def prepare_model(
+    model, device, multiscale=False, channels_last=True, fold_bn=True, fast_roi_align=True, compile=False, amp=False
+):
+    """`model` on `device`, to train or evaluate: --data-augmentation multiscale, box arithmetic in fp32 under --amp,
+    the speed path (same results: channels_last, BatchNorm folding, CPU RoIAlign) and --compile."""
+    if multiscale:  # training rescales by 0.6-1.0 of the model's size
+        if not hasattr(model, "transform") or not hasattr(model.transform, "resize"):
+            raise SetupError(
+                f"--data-augmentation multiscale needs an R-CNN-style resize; {type(model).__name__} has none"
+            )
+        model.transform = transforms.MultiScaleResize(model.transform)
+    if amp:
+        import mixed_precision  # box decoding, anchor matching and the losses in fp32 under autocast
+
+        mixed_precision.float32_boxes(model)
+    model.to(device)
+    import speed  # the speed path; without it the model runs as torchvision ships it
+
+    speed.fast_path(model, channels_last, fold_bn, fast_roi_align and device.type == "cpu")  # CUDA's RoIAlign is fast
+    if compile:
+        model.backbone.compile()  # in place: the state dict keeps its keys (torch.compile(m) would prefix them)
     return model

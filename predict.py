@@ -3,7 +3,7 @@
     python predict.py --checkpoint work_dirs/run/best.pth photos/ street.jpg --out predictions/
     python predict.py --checkpoint fasterrcnn_resnet50_fpn:DEFAULT street.jpg --out coco/   # torchvision's COCO model
 
---out receives <stem>.png for every image (predictions drawn by utils.draw_predictions), results.json (COCO results
+--out receives <stem>.png for every image (predictions drawn by draw.draw_predictions), results.json (COCO results
 format: image_id, file_name, category_id = label, bbox as x, y, width, height in pixels, score, and segmentation as
 RLE for Mask R-CNN) and images.json ([{id, file_name, width, height}], image_id = position in the input list).
 
@@ -27,8 +27,8 @@ import torch
 from torchvision.ops import box_convert
 from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil_image
 
+import draw
 import models
-import train
 import utils
 from datasets.images import UnreadableImage, read_image
 
@@ -58,10 +58,10 @@ def load_model(checkpoint, device="cpu"):
         hint = "for torchvision's own weights pass MODEL:WEIGHTS, e.g. fasterrcnn_resnet50_fpn:DEFAULT"
         state = utils.load_checkpoint(checkpoint, "--checkpoint", hint)
         class_names = list(state["class_names"])
-        model = train.model_from_checkpoint(state)  # as train.py built it: parts, anchors, input size
+        model = models.model_from_checkpoint(state)  # as train.py built it: parts, anchors, input size
     model.class_names = class_names
     # channels_last, folded BatchNorm and (CPU) the multi-threaded RoIAlign: faster, the same detections in fp32
-    return train.prepare_model(model, torch.device(device)).eval()
+    return models.prepare_model(model, torch.device(device)).eval()
 
 
 def to_image(image):
@@ -216,7 +216,7 @@ def main(args):
         for image_id, image, prediction in zip(batch_ids, batch, predictions):
             path = paths[image_id]
             print(f"\r[{image_id + 1}/{len(paths)}] {path.name}", end="", file=sys.stderr, flush=True)
-            drawing = utils.draw_predictions(image, prediction, model.class_names, args.score_thresh)
+            drawing = draw.draw_predictions(image, prediction, model.class_names, args.score_thresh)
             to_pil_image(drawing).save(out / f"{path.stem}.png")
             height, width = image.shape[-2:]
             images.append({"id": image_id, "file_name": str(path), "width": width, "height": height})

@@ -3,7 +3,7 @@
     train_set, val_set = skip_bad_images.wrap(train_set, val_set)
 
 The wrapped dataset returns (None, None) for such a sample; engine.py's loops leave those out and count them, and a
-rank whose whole batch was unreadable still joins the step (engine._blank_sample). Delete this file and its call in
+rank whose whole batch was unreadable still joins the step (engine.train_one_epoch). Delete this file and its call in
 train.py and an unreadable image stops the run with its file name, as it does without the flag.
 """
 

@@ -25,12 +25,7 @@ import preemption
 import transforms
 import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
-from engine import evaluate, train_one_epoch, validation_loss
-
-# --model names built from parts by compose.py (with --backbone and --neck)
-COMPOSED = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
-# train.py flags that are model constructor arguments (absent: the model's defaults)
-MODEL_OPTIONS = ("min_size", "max_size", "box_score_thresh", "backbone", "neck", "anchor_sizes", "anchor_ratios")
+from engine import evaluate, train_one_epoch
 
 
 def get_args_parser(add_help=True):
@@ -70,7 +65,7 @@ def get_args_parser(add_help=True):
                       help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS + COMPOSED,
+    model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS + models.COMPOSED,
                        help="detector (default maskrcnn_resnet50_fpn)")
     model.add_argument("--backbone", default=None,
                        help="for --model fasterrcnn/maskrcnn/retinanet/fcos: an ImageNet classifier of "
@@ -266,61 +261,15 @@ def get_loaders(args, train_set, val_set, world_size, rank):
     return train_loader, val_loader, train_sampler
 
 
-def model_builder(name):
-    """models.py builds torchvision's named models; compose.py, an extra, the detectors composed from parts."""
-    if name in COMPOSED:
-        import compose  # backbone x neck x head
-
-        return compose
-    return models
-
-
 def get_model(args, num_classes, weights):
     """The --model for `num_classes` from `weights` (--weights, or the --load-from file)."""
-    options = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in models.MODEL_OPTIONS if getattr(args, k) is not None}
     options.update(trainable_backbone_layers=args.trainable_backbone_layers)
     backbone = None if args.weights_backbone == "none" else args.weights_backbone
-    return model_builder(args.model).get_model(args.model, num_classes, weights, backbone, **options)
+    return models.get_model(args.model, num_classes, weights, backbone, **options)
 
 
-def model_from_checkpoint(checkpoint, **options):
-    """The model of a train.py checkpoint, rebuilt from its model_args (older checkpoints: from their args) and
-    loaded, on the CPU; `options` replace model_args (min_size, ...)."""
-    model_args = checkpoint.get("model_args")
-    if model_args is None:  # written before checkpoints kept model_args: what train.py was given
-        args = checkpoint["args"]
-        model_args = {k: args[k] for k in MODEL_OPTIONS if args.get(k) is not None}
-        model_args.update(name=args["model"], num_classes=len(checkpoint["class_names"]) + 1)
-        model_args.update(pretrained=models.pretrained_layout(checkpoint["model"]))
-        model_args.update(trainable_backbone_layers=args.get("trainable_backbone_layers"))
-    model_args = {**model_args, **options}
-    model = model_builder(model_args["name"]).build(**model_args)
-    model.load_state_dict(checkpoint["model"])
-    return model
-
-
-def prepare_model(
-    model, device, multiscale=False, channels_last=True, fold_bn=True, fast_roi_align=True, compile=False
-):
-    """`model` on `device`, to train or evaluate: --data-augmentation multiscale, box arithmetic in fp32 under autocast,
-    the speed path (same results: channels_last, BatchNorm folding, CPU RoIAlign) and --compile."""
-    if multiscale:  # training rescales by 0.6-1.0 of the model's size
-        if not hasattr(model, "transform") or not hasattr(model.transform, "resize"):
-            raise utils.SetupError(
-                f"--data-augmentation multiscale needs an R-CNN-style resize; {type(model).__name__} has none"
-            )
-        model.transform = transforms.MultiScaleResize(model.transform)
-    models.float32_boxes(model)
-    model.to(device)
-    import speed  # the speed path; without it the model runs as torchvision ships it
-
-    speed.fast_path(model, channels_last, fold_bn, fast_roi_align and device.type == "cpu")  # CUDA's RoIAlign is fast
-    if compile:
-        model.backbone.compile()  # in place: the state dict keeps its keys (torch.compile(m) would prefix them)
-    return model
-
-
-def create_model(args, num_classes, checkpoint, device, local_rank):
+def create_model(args, num_classes, checkpoint, device, local_rank, amp_dtype=None):
     """The model, ready on `device`: rebuilt from the --resume checkpoint, else from --load-from or --weights.
     Backbone weights download here, once per node; a failure on any rank stops every rank."""
     model, problem = None, None
@@ -332,11 +281,12 @@ def create_model(args, num_classes, checkpoint, device, local_rank):
                     for k in ("min_size", "max_size", "box_score_thresh")
                     if getattr(args, k) is not None
                 }
-                model = model_from_checkpoint(checkpoint, **sizes)
+                model = models.model_from_checkpoint(checkpoint, **sizes)
             else:
                 model = get_model(args, num_classes, args.load_from or args.weights)
             speed = dict(channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=args.fast_roi_align)
-            prepare_model(model, device, args.data_augmentation == "multiscale", **speed, compile=args.compile)
+            multiscale = args.data_augmentation == "multiscale"
+            models.prepare_model(model, device, multiscale, **speed, compile=args.compile, amp=amp_dtype is not None)
         except (ValueError, utils.SetupError) as e:  # ValueError: parts that do not fit (anchors, --neck, ...)
             problem = str(e)
     if utils.any_rank(problem):
@@ -451,7 +401,8 @@ def main(args):
             train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
 
             print("Creating model")
-            model = create_model(args, len(class_names) + 1, checkpoint, device, local_rank)  # classes + background
+            amp_dtype = get_amp_dtype(args, device)
+            model = create_model(args, len(class_names) + 1, checkpoint, device, local_rank, amp_dtype)  # + background
             if world_size > 1 and args.sync_bn:
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
             model_without_ddp = model
@@ -463,7 +414,6 @@ def main(args):
 
             optimizer = get_optimizer(args, model_without_ddp)
             lr_scheduler = get_lr_scheduler(args, optimizer)
-            amp_dtype = get_amp_dtype(args, device)
             scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
             run = types.SimpleNamespace(  # what evaluation and the epochs need, by name
                 args=args, device=device, rank=rank, world_size=world_size, stop=stop, class_names=class_names,
@@ -501,7 +451,7 @@ def checkpoint_state(run, epoch, step=None):
         "lr_scheduler": run.lr_scheduler.state_dict(), "scaler": run.scaler and run.scaler.state_dict(),
         "epoch": epoch, "step": step, "rng": preemption.rng_state() if step else None,  # continues a stopped epoch
         "best_ap": run.best_ap, "class_names": list(run.class_names), "args": vars(run.args),
-        "model_args": run.model_without_ddp.model_args,  # what model_from_checkpoint rebuilds it from
+        "model_args": run.model_without_ddp.model_args,  # what models.model_from_checkpoint rebuilds it from
     }  # fmt: skip
 
 
@@ -542,7 +492,9 @@ def train_epochs(run):
                 run, last, os.path.join(args.output_dir, "val_images") if last and rank == 0 else None
             )
             if args.val_loss:
-                val_loss = validation_loss(run.model_without_ddp, run.val_loader, run.device, run.amp_dtype)
+                import val_loss as validation  # the training losses on the validation set
+
+                val_loss = validation.validation_loss(run.model_without_ddp, run.val_loader, run.device, run.amp_dtype)
                 print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
         ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))  # best.pth picks
         is_best, run.best_ap = ap > run.best_ap, max(run.best_ap, ap)
@@ -584,8 +536,12 @@ def run_evaluation(run, final, show_dir=None):
 
         options["scorers"] = [voc_eval.score]
     if "bbox" in args.eval:
-        show = dict(show_dir=show_dir, show_count=None if args.test_only else args.report_images)
-        metrics = evaluate(model, val_loader, device, **options, **show)
+        on_image = None
+        if show_dir:
+            import draw  # drawn predictions: --show-dir, report.md's images
+
+            on_image = draw.ImageSaver(show_dir, run.class_names, None if args.test_only else args.report_images)
+        metrics = evaluate(model, val_loader, device, **options, on_image=on_image)
     if "proposal" in args.eval:
         import proposals  # the RPN's recall, to tune anchors
 

@@ -355,36 +355,6 @@ def setup_logging(is_master, log_file=None):
     return restore
 
 
-def draw_predictions(image, prediction, class_names, score_thresh=0.5, color="lime", target=None, gt_color="red"):
-    """uint8 [3, H, W] image with the prediction's boxes, "name score" captions and masks drawn on it.
-
-    `target` (optional ground truth) is drawn first, in `gt_color`, so a mistake shows as two colours.
-    """
-    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
-
-    def name(label):
-        return class_names[label - 1] if 0 < label <= len(class_names) else str(label)
-
-    if image.is_floating_point():
-        image = (image.clamp(0, 1) * 255).to(torch.uint8)
-    image = image.cpu()
-    if target is not None and len(target["boxes"]):
-        captions = [name(int(label)) for label in target["labels"]]
-        image = draw_bounding_boxes(image, target["boxes"].cpu().float(), captions, colors=gt_color, width=2)
-    keep = prediction["scores"] >= score_thresh
-    if "masks" in prediction and keep.any():
-        masks = prediction["masks"][keep].cpu()
-        masks = masks[:, 0] > 0.5 if masks.dim() == 4 else masks.bool()  # model output: probabilities [N, 1, H, W]
-        image = draw_segmentation_masks(image, masks, alpha=0.4, colors=color)
-    if keep.any():
-        captions = [
-            f"{name(int(label))} {score:.2f}"
-            for label, score in zip(prediction["labels"][keep], prediction["scores"][keep].tolist())
-        ]
-        image = draw_bounding_boxes(image, prediction["boxes"][keep].cpu().float(), captions, colors=color, width=2)
-    return image
-
-
 def cpu_has_native_bf16():
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast is ~2x faster than fp32;
     elsewhere it is emulated and can be slower. Read from /proc/cpuinfo, so False outside Linux."""

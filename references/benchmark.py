@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import common  # noqa: E402
 
 import engine  # noqa: E402
+import models  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -130,9 +131,10 @@ def measure(args):
     args.lr = args.lr or 1e-4
     model = train.get_model(args, len(class_names) + 1, args.weights)
     speed = dict(channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=args.fast_roi_align)
-    train.prepare_model(model, device, args.data_augmentation == "multiscale", **speed, compile=args.compile)
-    optimizer = train.get_optimizer(args, model)
     amp_dtype = train.get_amp_dtype(args, device)
+    multiscale = args.data_augmentation == "multiscale"
+    models.prepare_model(model, device, multiscale, **speed, compile=args.compile, amp=amp_dtype is not None)
+    optimizer = train.get_optimizer(args, model)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     def steps(n):  # epoch 1: no lr warm-up, the steady state

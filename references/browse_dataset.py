@@ -19,10 +19,11 @@ from torchvision.utils import draw_segmentation_masks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
 import common  # noqa: E402
 
+import draw  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
-COLOR = "red"  # the ground truth colour of utils.draw_predictions
+COLOR = "red"  # the ground truth colour of draw.draw_predictions
 NO_PREDICTION = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
 
 
@@ -50,7 +51,7 @@ def main(args):
         image = to_dtype(image, torch.uint8, scale=True)
         if "masks" in target and len(target["masks"]):
             image = draw_segmentation_masks(image, target["masks"].bool(), alpha=0.4, colors=COLOR)
-        drawing = utils.draw_predictions(image, NO_PREDICTION, class_names, target=target, gt_color=COLOR)
+        drawing = draw.draw_predictions(image, NO_PREDICTION, class_names, target=target, gt_color=COLOR)
         to_pil_image(drawing).save(out / f"{target['image_id']}.png")
     print(f"Wrote {count} drawings of the {args.split} set ({len(dataset)} images) to {out}")
 

@@ -45,6 +45,25 @@ def make_pennfudan(root, num_images=6, seed=0, sizes=((96, 128), (112, 80))):
     return all_boxes
 
 
+# The most a test may leave in its tmp_path (pytest deletes a passing test's at its teardown): the suite's temp folder
+# then stays under 1 GB while it runs. Checkpoints are the big files: small models, --save-interval, one copy.
+TMP_LIMIT_MB = 700
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """After each test's body, before pytest deletes its tmp_path: fail it when it wrote more than TMP_LIMIT_MB."""
+    result = yield
+    path = item.funcargs.get("tmp_path")
+    if path is not None:
+        megabytes = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
+        if os.environ.get("TMP_SIZES"):  # TMP_SIZES=file: every test's size, to find the big ones
+            with open(os.environ["TMP_SIZES"], "a") as f:
+                f.write(f"{megabytes:.0f} MB {item.nodeid}\n")
+        assert megabytes < TMP_LIMIT_MB, f"{item.nodeid} left {megabytes:.0f} MB in {path}: write smaller files"
+    return result
+
+
 @pytest.fixture
 def pennfudan_dir(tmp_path):
     root = tmp_path / "PennFudanPed"

@@ -13,9 +13,11 @@ from test_distributed import free_port
 
 import compose
 import engine
+import mixed_precision
 import models
 import train
 import utils
+import val_loss
 
 CPU = torch.device("cpu")
 
@@ -62,10 +64,10 @@ def _unreadable_batches(rank, out):
     stats = engine.train_one_epoch(ddp, optimizer, loader, CPU, epoch=1, print_freq=100)
     weights = sum(float(p.double().sum()) for p in model.parameters())
     val = [good] if rank == 0 else [bad]  # rank 1 has nothing to score
-    val_loss = engine.validation_loss(model, val, CPU)
+    losses = val_loss.validation_loss(model, val, CPU)
     metrics = engine.evaluate(model, val, CPU, class_names=["thing"])
     result = {k: stats[k] for k in ("steps", "unreadable_skipped")}
-    result.update(weights=weights, val_loss=val_loss, bbox=metrics["bbox"], detections=len(metrics["detections"]))
+    result.update(weights=weights, val_loss=losses, bbox=metrics["bbox"], detections=len(metrics["detections"]))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -119,9 +121,9 @@ def test_resume_auto_is_decided_on_rank_0_and_downloads_run_once_per_node_first(
 
 
 def test_anchors_are_float32_under_bf16_autocast():
-    model = models.float32_boxes(models.get_model("fasterrcnn_resnet50_fpn", num_classes=2, weights="none"))
-    assert isinstance(model.rpn.anchor_generator, models.Float32Anchors)
-    generator = models.Float32Anchors(((32,),), ((1.0,),))  # one map, one anchor per place
+    model = mixed_precision.float32_boxes(models.get_model("fasterrcnn_resnet50_fpn", num_classes=2, weights="none"))
+    assert isinstance(model.rpn.anchor_generator, mixed_precision.Float32Anchors)
+    generator = mixed_precision.Float32Anchors(((32,),), ((1.0,),))  # one map, one anchor per place
     from torchvision.models.detection.image_list import ImageList
 
     images = ImageList(torch.zeros(1, 3, 64, 1280), [(64, 1280)])
@@ -132,5 +134,7 @@ def test_anchors_are_float32_under_bf16_autocast():
     centres = ((anchors[:, 0] + anchors[:, 2]) / 2).unique()
     beyond = centres[centres >= 1024]
     assert len(beyond) == 64  # (1280 - 1024) / 4 distinct centres; in bf16 most of them merge
-    retina = models.float32_boxes(compose.get_model("retinanet", num_classes=2, weights="none", backbone="resnet18"))
-    assert isinstance(retina.anchor_generator, models.Float32Anchors)
+    retina = mixed_precision.float32_boxes(
+        compose.get_model("retinanet", num_classes=2, weights="none", backbone="resnet18")
+    )
+    assert isinstance(retina.anchor_generator, mixed_precision.Float32Anchors)

@@ -96,7 +96,7 @@ def test_fast_path_trains_like_fp32(tmp_path):
     ranks itself, and a near-tie that bf16 breaks the other way samples other proposals: 10%.
     """
     plain = _pretrained_like(tmp_path, "fasterrcnn_mobilenet_v3_large_320_fpn", min_size=64, max_size=96)
-    fast = train.prepare_model(copy.deepcopy(plain), torch.device("cpu"))  # all of train.py's CPU fast path
+    fast = models.prepare_model(copy.deepcopy(plain), torch.device("cpu"), amp=True)  # train.py's CPU fast path, --amp
     images, targets = _batch()
     history = {}
     for label, model, amp_dtype in (("fp32", plain, None), ("fast", fast, torch.bfloat16)):

@@ -25,7 +25,7 @@ import browse_dataset  # noqa: E402
 import plot_logs  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-LIME, RED = (0, 255, 0), (255, 0, 0)  # utils.draw_predictions' colours: prediction, ground truth
+LIME, RED = (0, 255, 0), (255, 0, 0)  # draw.draw_predictions' colours: prediction, ground truth
 # --lr 0 keeps the random initial weights, whose scores all sit near 0.5: there are detections to check (a Mask
 # R-CNN trained from scratch for one step at this size diverges and then detects nothing).
 TINY = ["--weights", "none", "--lr", "0", "--min-size", "64", "--max-size", "96", "-j", "0", "--val-size", "1"]
@@ -38,20 +38,25 @@ def data_dir(tmp_path_factory):
     return root
 
 
-def checkpoint(data_dir, out, model):
+def checkpoint(tmp_path_factory, data_dir, model):
+    """A checkpoint of `model` after one epoch, removed when the module's tests are done (a Mask R-CNN's is ~350 MB,
+    and the temp folders of module fixtures would otherwise stay until the whole suite ends)."""
+    out = tmp_path_factory.mktemp(model)
     argv = ["--data-path", data_dir, "--model", model, "--epochs", 1, "--output-dir", out, *TINY]
-    train.main(train.get_args_parser().parse_args([str(a) for a in argv]))
-    return out / "checkpoint.pth"
+    train.main(train.get_args_parser().parse_args([str(a) for a in [*argv, "--save-interval", 2]]))
+    (out / "best.pth").unlink()  # the same weights as checkpoint.pth
+    yield out / "checkpoint.pth"
+    shutil.rmtree(out)
 
 
 @pytest.fixture(scope="module")
 def faster_rcnn(data_dir, tmp_path_factory):
-    return checkpoint(data_dir, tmp_path_factory.mktemp("faster"), "fasterrcnn_mobilenet_v3_large_320_fpn")
+    yield from checkpoint(tmp_path_factory, data_dir, "fasterrcnn_mobilenet_v3_large_320_fpn")
 
 
 @pytest.fixture(scope="module")
 def mask_rcnn(data_dir, tmp_path_factory):
-    return checkpoint(data_dir, tmp_path_factory.mktemp("mask"), "maskrcnn_resnet50_fpn")
+    yield from checkpoint(tmp_path_factory, data_dir, "maskrcnn_resnet50_fpn")
 
 
 def rgb(path):

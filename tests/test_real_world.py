@@ -10,6 +10,7 @@ from PIL import Image
 
 import custom_dataset as custom
 import datasets
+import models
 import train
 import utils
 from utils import SetupError
@@ -158,7 +159,7 @@ def test_multiscale_scales_around_the_model_size_and_evaluates_at_it(name, min_s
         ["--model", name] if name else ["--model", "fasterrcnn_resnet50_fpn", "--min-size", "200", "--max-size", "300"]
     )
     args = train.get_args_parser().parse_args(flags)
-    model = train.prepare_model(train.get_model(args, 2, "none"), torch.device("cpu"), multiscale=True)
+    model = models.prepare_model(train.get_model(args, 2, "none"), torch.device("cpu"), multiscale=True)
     assert isinstance(model.transform, transforms.MultiScaleResize)
     image = torch.rand(3, 100, 400)  # wide: the max-size cap decides its size
     model.train()

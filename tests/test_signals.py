@@ -11,6 +11,7 @@ from conftest import REPO, make_pennfudan
 
 FLAGS = ["--model", "fasterrcnn_mobilenet_v3_large_320_fpn", "--weights", "none", "--min-size", "64"]
 FLAGS += ["--max-size", "96", "-j", "2", "--val-size", "2", "--print-freq", "1", "--no-val-loss", "-b", "1"]
+FLAGS += ["--save-interval", "1000"]  # checkpoint.pth and best.pth only: ~150 MB each
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGUSR1"])
