@@ -9,6 +9,17 @@ import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast is ~2x faster than fp32;
+    elsewhere it is emulated and can be slower. Read from /proc/cpuinfo, so False outside Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 class Float32Anchors(AnchorGenerator):
     """torchvision's AnchorGenerator, making anchors in float32 whatever the feature maps' dtype. Under bf16 autocast
     torchvision's takes the maps' bf16, whose 8-bit mantissa cannot tell x = 1024 from 1028: beyond 1024 px only 41

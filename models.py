@@ -20,7 +20,6 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-import transforms
 from utils import SetupError
 
 # --model names built from parts by compose.py (with --backbone and --neck)
@@ -284,7 +283,9 @@ def prepare_model(
             raise SetupError(
                 f"--data-augmentation multiscale needs an R-CNN-style resize; {type(model).__name__} has none"
             )
-        model.transform = transforms.MultiScaleResize(model.transform)
+        import multiscale  # random input sizes in training
+
+        model.transform = multiscale.MultiScaleResize(model.transform)
     if amp:
         import mixed_precision  # box decoding, anchor matching and the losses in fp32 under autocast
 

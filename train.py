@@ -173,11 +173,8 @@ def get_datasets(args):
     }.get(args.dataset, dict(**annotations, classes=args.classes))  # a dataset you add: annotation files, classes
     if args.dataset in ("coco", "voc", "custom"):  # (boxes made from Penn-Fudan's masks are never degenerate)
         options["strict"] = args.strict
-    if (
-        args.data_path is None
-        and args.dataset != "pennfudan"
-        and not (args.dataset == "coco" and all(coco_images.values()) and all(annotations.values()))
-    ):
+    coco_paths = args.dataset == "coco" and all(coco_images.values()) and all(annotations.values())
+    if args.data_path is None and args.dataset != "pennfudan" and not coco_paths:
         coco = "; or all of --train-ann, --val-ann, --train-images, --val-images" if args.dataset == "coco" else ""
         raise utils.SetupError(
             f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder){coco}"
@@ -208,13 +205,21 @@ def load_data(args, local_rank, checkpoint, world_size):
     if utils.any_rank(problems):  # every rank stops together, or those that could go on would wait forever
         raise utils.SetupError("\n".join(problems) or "another process could not load the data or weights (above)")
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
+    check_data(args, train_set, class_names, checkpoint, world_size)
+    if args.cache_images:
+        print(f"Cached the decoded images: {datasets.cache_images(train_set, val_set):.0f} MB")
+    return train_set, val_set, class_names
+
+
+def check_data(args, train_set, class_names, checkpoint, world_size):
+    """Data the model cannot train on, refused before the model is built."""
     saved = checkpoint and checkpoint.get("class_names")
     if saved is not None and list(saved) != list(class_names):  # its heads would score classes that mean others
         raise utils.SetupError(
             f"{args.resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
             f"  Pass the same --classes, or start a new run from its weights with --load-from {args.resume}"
         )
-    if args.model.startswith("maskrcnn") and not has_masks(train_set):
+    if args.model.startswith("maskrcnn") and not datasets.has_masks(train_set):
         raise utils.SetupError(
             f"{args.model} needs instance masks and this {args.dataset} dataset has boxes only; "
             f"pick a box model, e.g. --model fasterrcnn_resnet50_fpn"
@@ -226,18 +231,6 @@ def load_data(args, local_rank, checkpoint, world_size):
             f"{len(train_set)} training images cannot fill one batch of {args.batch_size} x {world_size} processes; "
             f"lower --batch-size or --val-size"
         )
-    if args.cache_images:
-        print(f"Cached the decoded images: {datasets.cache_images(train_set, val_set):.0f} MB")
-    return train_set, val_set, class_names
-
-
-def has_masks(dataset):
-    """Whether targets carry masks: the dataset says so (COCO json), or its first sample shows it."""
-    known = getattr(dataset, "has_masks", None)
-    if known is not None:
-        return known
-    targets = (dataset[i][1] for i in range(min(len(dataset), 5)))
-    return "masks" in next((t for t in targets if t is not None), {})  # None: unreadable, --skip-bad-images
 
 
 def get_loaders(args, train_set, val_set, world_size, rank):
@@ -276,12 +269,8 @@ def create_model(args, num_classes, checkpoint, device, local_rank, amp_dtype=No
     with utils.local_main_first(local_rank):
         try:
             if checkpoint is not None:  # the whole model is in it: no download
-                sizes = {
-                    k: getattr(args, k)
-                    for k in ("min_size", "max_size", "box_score_thresh")
-                    if getattr(args, k) is not None
-                }
-                model = models.model_from_checkpoint(checkpoint, **sizes)
+                sizes = {k: getattr(args, k) for k in ("min_size", "max_size", "box_score_thresh")}
+                model = models.model_from_checkpoint(checkpoint, **{k: v for k, v in sizes.items() if v is not None})
             else:
                 model = get_model(args, num_classes, args.load_from or args.weights)
             speed = dict(channels_last=args.channels_last, fold_bn=args.fold_bn, fast_roi_align=args.fast_roi_align)
@@ -299,8 +288,13 @@ def get_amp_dtype(args, device):
     amp = args.amp
     if amp is None:  # on for CUDA; off on CPU, where bf16 cost ~1.5 AP in README's short from-scratch runs
         amp = device.type == "cuda" or args.amp_dtype is not None  # --amp-dtype alone asks for it too
-        if not amp and device.type == "cpu" and utils.cpu_has_native_bf16():
-            print("This CPU computes bf16 natively: --amp trains up to ~3x faster, at some cost in AP (README, Speed)")
+        if not amp and device.type == "cpu":
+            import mixed_precision
+
+            if mixed_precision.cpu_has_native_bf16():
+                print(
+                    "This CPU computes bf16 natively: --amp trains up to ~3x faster, at some cost in AP (README, Speed)"
+                )
     if not amp:
         return None
     dtype = args.amp_dtype or ("bf16" if device.type == "cpu" else "fp16")
@@ -485,27 +479,7 @@ def train_epochs(run):
             return {}
         run.lr_scheduler.step()
 
-        metrics, val_loss = {}, {}
-        if (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs:
-            last = epoch + 1 == args.epochs
-            metrics = run_evaluation(
-                run, last, os.path.join(args.output_dir, "val_images") if last and rank == 0 else None
-            )
-            if args.val_loss:
-                import val_loss as validation  # the training losses on the validation set
-
-                val_loss = validation.validation_loss(run.model_without_ddp, run.val_loader, run.device, run.amp_dtype)
-                print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
-        ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))  # best.pth picks
-        is_best, run.best_ap = ap > run.best_ap, max(run.best_ap, ap)
-        state = checkpoint_state(run, epoch)
-        for name, due in (
-            ("checkpoint.pth", True),
-            (f"model_{epoch}.pth", (epoch + 1) % args.save_interval == 0),
-            ("best.pth", is_best),
-        ):
-            if due:
-                utils.save_checkpoint(state, args.output_dir, name)
+        metrics, val_loss = end_of_epoch(run, epoch)
         # rss_mb: this process's memory after the epoch, so a leak shows as growth from one epoch to the next
         log = {"epoch": epoch, "train": train_stats, "val_loss": val_loss, "rss_mb": utils.current_rss_mb()}
         log.update({k: v for k, v in metrics.items() if k != "detections"})
@@ -525,6 +499,28 @@ def train_epochs(run):
         images = (args.epochs - run.start_epoch) * len(loader) * args.batch_size * run.world_size
         report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
     return metrics
+
+
+def end_of_epoch(run, epoch):
+    """Evaluate when due (every --eval-interval epochs and after the last), then save checkpoint.pth, model_{epoch}.pth
+    (every --save-interval epochs) and best.pth (best bbox AP, or proposal recall); returns (metrics, val_loss)."""
+    args, metrics, val_loss, last = run.args, {}, {}, epoch + 1 == run.args.epochs
+    if (epoch + 1) % args.eval_interval == 0 or last:
+        metrics = run_evaluation(
+            run, last, os.path.join(args.output_dir, "val_images") if last and run.rank == 0 else None
+        )
+        if args.val_loss:
+            import val_loss as validation  # the training losses on the validation set
+
+            val_loss = validation.validation_loss(run.model_without_ddp, run.val_loader, run.device, run.amp_dtype)
+            print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
+    ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))
+    is_best, run.best_ap = ap > run.best_ap, max(run.best_ap, ap)
+    state = checkpoint_state(run, epoch)
+    names = ["checkpoint.pth"] + [f"model_{epoch}.pth"] * ((epoch + 1) % args.save_interval == 0)
+    for name in names + ["best.pth"] * is_best:
+        utils.save_checkpoint(state, args.output_dir, name)
+    return metrics, val_loss
 
 
 def run_evaluation(run, final, show_dir=None):

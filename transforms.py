@@ -8,46 +8,14 @@ done here: the R-CNN models resize inside (GeneralizedRCNNTransform, min_size 80
 
 import torch
 from torchvision import tv_tensors
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as F
 
 # --data-augmentation policies. "multiscale" is not a dataset transform: the model's own resize would undo any
-# resize done here, so train.py swaps the model's resize for MultiScaleResize.
+# resize done here, so models.prepare_model swaps the model's resize for multiscale.MultiScaleResize.
 POLICIES = ("hflip", "photometric", "multiscale", "lsj")
-# training scales as factors of the model's input size: 0.6-1.0 in steps of 0.04 (480-800 px for min_size 800)
-MULTISCALE_FACTORS = tuple(round(0.6 + 0.04 * k, 2) for k in range(11))
 # COCO person keypoints: nose, then (left, right) pairs of eyes, ears, shoulders, elbows, wrists, hips, knees, ankles
 COCO_KEYPOINT_FLIP = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
-
-
-class MultiScaleResize(GeneralizedRCNNTransform):
-    """The R-CNN models' own resize, which in training scales each image by a factor drawn from `factors` of its
-    evaluation size: shorter side min_size x f and longer-side cap max_size x f, so every model, *_320_fpn included,
-    sees other input sizes (a fixed cap would hold wide images at one size). Evaluation stays at the model's size.
-    Install it as `model.transform = MultiScaleResize(model.transform)`; it holds no weights."""
-
-    def __init__(self, transform, factors=MULTISCALE_FACTORS):
-        super().__init__(
-            transform.min_size[-1],
-            transform.max_size,
-            transform.image_mean,
-            transform.image_std,
-            size_divisible=transform.size_divisible,
-            fixed_size=transform.fixed_size,
-        )
-        self.factors = tuple(factors)
-
-    def resize(self, image, target=None):
-        if not self.training:
-            return super().resize(image, target)
-        saved = self.min_size, self.max_size
-        factor = self.factors[int(torch.randint(len(self.factors), ()))]
-        self.min_size, self.max_size = (round(saved[0][-1] * factor),), round(saved[1] * factor)
-        try:
-            return super().resize(image, target)
-        finally:
-            self.min_size, self.max_size = saved
 
 
 class HorizontalFlip(torch.nn.Module):
@@ -87,7 +55,7 @@ def get_transform(train, policy="hflip", hflip_prob=0.5, lsj_size=1024):
     """The transform applied to (image, target) pairs; `train=False` only converts the image to float.
 
     Policies: hflip (the tutorial's), photometric (hflip + colour jitter), multiscale (hflip here, sizes in
-    the model's resize: MultiScaleResize), lsj (large-scale jitter: resize by 0.1-2.0x of lsj_size, then crop/pad
+    the model's resize: multiscale.py), lsj (large-scale jitter: resize by 0.1-2.0x of lsj_size, then crop/pad
     to lsj_size x lsj_size, + hflip).
     """
     if not train:

@@ -8,7 +8,6 @@ import contextlib
 import datetime
 import os
 import random
-import subprocess
 import time
 from collections import defaultdict, deque
 
@@ -244,20 +243,6 @@ def local_main_first(local_rank):
             dist.barrier()
 
 
-def slurm_master_port(job_id):
-    """A port from the job id (20000-39999): two jobs sharing a node do not both take torchrun's 29500."""
-    return 20000 + int(job_id) % 20000 if str(job_id).isdigit() else 29500
-
-
-def _slurm_master_addr(nodelist):
-    """First host of a SLURM node list such as 'gpu[01-04],cpu7' (scontrol expands the ranges)."""
-    try:
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-        return hosts.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]  # a single-node list is already a host name
-
-
 def init_distributed_mode(device="cuda", dist_url="env://"):
     """Join the process group that torchrun or srun set up; returns (distributed, rank, world_size, local_rank).
 
@@ -269,17 +254,14 @@ def init_distributed_mode(device="cuda", dist_url="env://"):
     Started as plain `python train.py`, this is a no-op.
     """
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    elif "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
-        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"])
-        local_rank = int(env["SLURM_LOCALID"])
-        nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
-        env.setdefault("MASTER_ADDR", _slurm_master_addr(nodes))
-        env.setdefault("MASTER_PORT", str(slurm_master_port(env.get("SLURM_JOB_ID"))))
-        env.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-    else:
+    torchrun = "RANK" in env and "WORLD_SIZE" in env
+    if not torchrun and "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
+        import slurm  # an srun step: SLURM's variables become torchrun's
+
+        slurm.set_torchrun_env(env)
+    elif not torchrun:
         return False, 0, 1, 0
+    rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     backend = "gloo"
     if str(device).startswith("cuda"):
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -353,17 +335,6 @@ def setup_logging(is_master, log_file=None):
 
     builtins.print = print
     return restore
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX): there bf16 autocast is ~2x faster than fp32;
-    elsewhere it is emulated and can be slower. Read from /proc/cpuinfo, so False outside Linux."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def peak_memory_mb(device=None):

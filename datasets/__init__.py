@@ -21,7 +21,7 @@ from pathlib import Path
 
 from utils import SetupError
 
-from .coco import CocoDetection, placeholder_categories
+from .coco import CocoDetection
 from .common import Subset, choose_val_size, random_split
 from .images import cache_images  # noqa: F401 - datasets.cache_images
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
@@ -43,40 +43,22 @@ def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=Non
     strict (all builders but Penn-Fudan): refuse zero-size or outside boxes instead of dropping them with a warning.
     """
     root = Path(root or ".")  # no root: --train-ann, --val-ann, --train-images and --val-images say it all
+    ann_dir, options = root / "annotations", dict(masks=masks, strict=strict)
+    train_ann, val_ann = (
+        train_ann or ann_dir / "instances_train2017.json",
+        val_ann or ann_dir / "instances_val2017.json",
+    )
     train = CocoDetection(
-        train_images or root / "train2017",
-        train_ann or root / "annotations/instances_train2017.json",
-        train_transforms,
-        masks=masks,
-        keep_empty=keep_empty,
-        strict=strict,
+        train_images or root / "train2017", train_ann, train_transforms, keep_empty=keep_empty, **options
     )
-    val = CocoDetection(
-        val_images or root / "val2017",
-        val_ann or root / "annotations/instances_val2017.json",
-        val_transforms,
-        masks=masks,
-        strict=strict,
-    )
+    val = CocoDetection(val_images or root / "val2017", val_ann, val_transforms, **options)
     if train.categories != val.categories:
         raise SetupError(f"train and val annotation files list different categories: {train.classes} vs {val.classes}")
-    objects = train.objects_per_category + val.objects_per_category
-    placeholders = placeholder_categories(train.categories, objects)
-    if placeholders:
-        dropped = [
-            f"{c['name']!r} (id {c['id']}, {placeholders[c['id']]})"
-            for c in train.categories
-            if c["id"] in placeholders
-        ]
-        print(f"Note: not a class, left out: {', '.join(dropped)}")
-        kept = [c["id"] for c in train.categories if c["id"] not in placeholders]
-        train.keep_categories(kept)
-        val.keep_categories(kept)
-    never = [
-        c["name"]
-        for c in train.categories
-        if c["id"] in train.category_id_to_label and not train.objects_per_category[c["id"]]
-    ]
+    import tool_exports  # categories that annotation tools write but are not classes
+
+    tool_exports.drop_placeholder_categories(train, val)
+    learned = train.category_id_to_label
+    never = [c["name"] for c in train.categories if c["id"] in learned and not train.objects_per_category[c["id"]]]
     if never:
         warnings.warn(
             f"{train.ann_file}: no training objects of {len(never)} categories, which the model can never learn: "
@@ -87,17 +69,26 @@ def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=Non
 
 
 def get_voc(root, train_transforms, val_transforms, **options):
-    """Pascal VOC XML (voc_dataset.py, an extra: import it where the flag asks for it)."""
-    import voc_dataset
+    """Pascal VOC XML (formats/voc.py, an extra: imported when --dataset voc asks for it)."""
+    from formats import voc
 
-    return voc_dataset.get_voc(root, train_transforms, val_transforms, **options)
+    return voc.get_voc(root, train_transforms, val_transforms, **options)
 
 
 def get_custom(root, train_transforms, val_transforms, **options):
-    """mmdetection's list of dicts (custom_dataset.py, an extra)."""
-    import custom_dataset
+    """mmdetection's list of dicts (formats/custom.py, an extra)."""
+    from formats import custom
 
-    return custom_dataset.get_custom(root, train_transforms, val_transforms, **options)
+    return custom.get_custom(root, train_transforms, val_transforms, **options)
+
+
+def has_masks(dataset):
+    """Whether targets carry masks: the dataset says so (COCO json), or its first sample shows it."""
+    known = getattr(dataset, "has_masks", None)
+    if known is not None:
+        return known
+    targets = (dataset[i][1] for i in range(min(len(dataset), 5)))
+    return "masks" in next((t for t in targets if t is not None), {})  # None: unreadable, --skip-bad-images
 
 
 # --dataset name -> builder(root, train_transforms, val_transforms, **options)

@@ -71,22 +71,6 @@ def read_coco(ann_file):
     return sorted(data["categories"], key=lambda c: c["id"]), images, anns_per_image
 
 
-BACKGROUND_NAMES = ("_background_", "background", "__background__")  # labelme's COCO export has _background_ as id 0
-
-
-def placeholder_categories(categories, objects_per_category):
-    """Categories that are not classes: one named background (labelme), or one without objects whose name is the
-    supercategory of others (Roboflow's exports list the dataset's name as category 0). Returns {id: reason}."""
-    supercategories = {c.get("supercategory") for c in categories if c.get("supercategory") != c["name"]}
-    found = {}
-    for c in categories:
-        if c["name"].lower() in BACKGROUND_NAMES:
-            found[c["id"]] = "a background placeholder"
-        elif not objects_per_category.get(c["id"]) and c["name"] in supercategories:
-            found[c["id"]] = "the supercategory of the others, with no objects"
-    return found
-
-
 class CocoDetection(torch.utils.data.Dataset):
     """Items are (image, target) following the contract in datasets/__init__.py; image_id is the COCO image id.
 
@@ -101,10 +85,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.masks = masks
         categories, images, anns_per_image = read_coco(self.ann_file)
-        self.categories = categories  # as in the file, sorted by id; keep_categories may leave placeholders out
+        self.categories = categories  # as in the file, sorted by id; keep_categories may leave some out
         self.keep_categories([c["id"] for c in categories])
         annotations = [ann for anns in anns_per_image.values() for ann in anns]
-        # objects (not crowd regions) per category id: what placeholder_categories and the no-objects warning read
+        # objects (not crowd regions) per category id: what tool_exports.py and the no-objects warning read
         self.objects_per_category = Counter(a["category_id"] for a in annotations if not a.get("iscrowd", 0))
         self._has_masks = any(ann.get("segmentation") for ann in annotations)
         if masks and not self.has_masks:

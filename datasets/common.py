@@ -1,21 +1,17 @@
-"""What the dataset classes share: json and class-list reading, box checks, the box-records base class, splits.
+"""What the dataset classes share: json and class-list reading, box checks, splits.
 
-The dataset classes (coco.py, pennfudan.py; voc_dataset.py and custom_dataset.py among the extras) and the reference
-tools import these; images.py reads the image files.
+The dataset classes (coco.py, pennfudan.py; formats/ among the extras) and the reference tools import these; images.py
+reads the image files.
 """
 
 import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
-from torchvision import tv_tensors
 from torchvision.ops import clip_boxes_to_image
 
 from utils import SetupError
-
-from .images import read_image
 
 
 def load_json(path):
@@ -48,21 +44,6 @@ def read_classes(spec):
     if not names or len(set(names)) != len(names):
         raise SetupError(f"--classes {spec}: give each class name once, e.g. --classes cat,dog or a classes.txt")
     return names
-
-
-def boxes_and_labels(ann, box_key, label_key, where, dtype=np.float32):
-    """[n, 4] boxes and int64 [n] labels from ann[box_key] and ann[label_key] (empty when both are absent).
-
-    Boxes are float32, what training uses; dtype=np.float64 keeps them as written (references/convert_dataset.py).
-    """
-    try:
-        boxes = np.asarray(ann.get(box_key, []), dtype=dtype).reshape(-1, 4)
-        labels = np.asarray(ann.get(label_key, []), dtype=np.int64).reshape(-1)
-    except ValueError:
-        raise SetupError(f"{where}: {box_key} must be (n, 4) numbers and {label_key} (n,) integers") from None
-    if len(boxes) != len(labels):
-        raise SetupError(f"{where}: {len(boxes)} {box_key} but {len(labels)} {label_key}; give one label per box")
-    return boxes, labels
 
 
 class BoxChecker:
@@ -106,40 +87,6 @@ class BoxChecker:
             f"Fix those annotations to train and evaluate on what you drew.",
             stacklevel=3,
         )
-
-
-class BoxRecords(torch.utils.data.Dataset):
-    """Shared by VOCDetection and CustomDataset, which parse their files into `self.items`: one dict per image with
-    path, height, width, boxes (float32 [N, 4] XYXY), labels and iscrowd. Subclasses say how to fix a wrong size."""
-
-    def size_fix(self, item):
-        raise NotImplementedError
-
-    def __len__(self):
-        return len(self.items)
-
-    def get_height_and_width(self, idx):
-        item = self.items[idx]
-        return item["height"], item["width"]
-
-    def __getitem__(self, idx):
-        item = self.items[idx]
-        height, width = item["height"], item["width"]
-        image = read_image(item["path"], "RGB")  # uint8 [3, H, W]
-        if image.shape[-2:] != (height, width):  # boxes drawn on another size would train in the wrong place
-            raise SetupError(f"{item['path']} is {image.shape[2]}x{image.shape[1]} pixels but {self.size_fix(item)}")
-        boxes = item["boxes"].clone()  # a copy: a transform must never edit the stored boxes
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-            "labels": item["labels"].clone(),
-            "image_id": idx,
-            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
-            "iscrowd": item["iscrowd"].clone(),
-        }
-        image = tv_tensors.Image(image)
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image, target
 
 
 class Subset(torch.utils.data.Subset):

@@ -34,8 +34,8 @@ import datasets  # noqa: E402
 import skip_bad_images  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from datasets.common import BoxRecords  # noqa: E402
 from datasets.images import read_image  # noqa: E402
+from formats import BoxRecords  # noqa: E402
 
 COCO_RANGES = {"small (<32^2)": (0, 32**2), "medium (<96^2)": (32**2, 96**2), "large": (96**2, math.inf)}  # px^2
 # Factors on the current sizes, tried as grids: torchvision's sizes double from one to the next, so factors within
@@ -81,7 +81,7 @@ def dataset_boxes(dataset):
     if isinstance(dataset, torch.utils.data.Subset):  # torch's and datasets.Subset
         everything = dataset_boxes(dataset.dataset)
         return [everything[i] for i in dataset.indices]
-    if isinstance(dataset, BoxRecords):  # voc_dataset.VOCDetection, custom_dataset.CustomDataset
+    if isinstance(dataset, BoxRecords):  # formats: VOCDetection, CustomDataset
         items = dataset.items
         return [(r["boxes"][r["iscrowd"] == 0], r["labels"][r["iscrowd"] == 0], r["height"], r["width"]) for r in items]
     if isinstance(dataset, datasets.CocoDetection):

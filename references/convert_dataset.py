@@ -41,13 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: the core is one folder up
 
-from custom_dataset import CustomDataset, load_middle_format  # noqa: E402
 from datasets import coco  # noqa: E402
 from datasets.coco import CocoDetection  # noqa: E402
-from datasets.common import BoxChecker, boxes_and_labels, read_classes  # noqa: E402
+from datasets.common import BoxChecker, read_classes  # noqa: E402
 from datasets.images import image_size  # noqa: E402
-from utils import SetupError, cli  # noqa: E402
-from voc_dataset import (  # noqa: E402
+from formats.custom import CustomDataset, boxes_and_labels, load_middle_format  # noqa: E402
+from formats.voc import (  # noqa: E402
     BOX_TAGS,
     VOCDetection,
     find_image,
@@ -55,6 +54,7 @@ from voc_dataset import (  # noqa: E402
     parse_annotation,
     read_xml,
 )
+from utils import SetupError, cli  # noqa: E402
 
 FORMATS = ("voc", "coco", "custom")
 DEFAULT_VOC_SPLIT = "trainval"  # the split file --to voc writes when --split is not given
@@ -200,7 +200,7 @@ def read_voc(root, split, classes, workers):
                 "file_name": f"{image_id}.jpg",
                 "width": int(width),
                 "height": int(height),
-                # VOC is 1-based and includes both ends: pixel edges are x1 = xmin - 1, x2 = xmax (voc_dataset.py)
+                # VOC is 1-based and includes both ends: pixel edges are x1 = xmin - 1, x2 = xmax (formats/voc.py)
                 "boxes": [[xmin - 1, ymin - 1, xmax, ymax] for _, (xmin, ymin, xmax, ymax), _ in objects],
                 "labels": [index[name] for name, _, _ in objects],
                 "ignore": [difficult for _, _, difficult in objects],

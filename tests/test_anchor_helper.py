@@ -13,11 +13,11 @@ from PIL import Image
 from test_convert_dataset import make_voc
 from test_datasets_formats import write_coco, write_middle
 
-import custom_dataset
 import datasets
+import formats
 import models
 import skip_bad_images
-import voc_dataset
+from formats import custom, voc
 
 sys.path.insert(0, str(REPO / "references"))
 import anchor_helper  # noqa: E402
@@ -93,14 +93,12 @@ def test_dataset_boxes_match_the_samples_without_decoding_images(tmp_path, monke
     make_pennfudan(tmp_path / "ped", num_images=4)
     built = {
         "coco": datasets.CocoDetection(img_folder, ann_file),  # has an iscrowd region
-        "custom": custom_dataset.CustomDataset(
-            write_middle(tmp_path / "mid", ".json"), tmp_path / "mid" / "img", "abc"
-        ),
+        "custom": custom.CustomDataset(write_middle(tmp_path / "mid", ".json"), tmp_path / "mid" / "img", "abc"),
         "pennfudan": datasets.Subset(datasets.PennFudanDataset(tmp_path / "ped"), [3, 1]),
     }
     voc_root = make_voc(tmp_path / "voc")  # difficult objects, and an xml without <size>
     ids = ["img0", "img1", "img2", "img3"]
-    built["voc"] = voc_dataset.VOCDetection(voc_root, classes=["cat", "dog"], split_ids=ids)
+    built["voc"] = voc.VOCDetection(voc_root, classes=["cat", "dog"], split_ids=ids)
     built["skip"] = skip_bad_images.SkipBadImages(built["custom"])
     expected = {}
     for name, ds in built.items():
@@ -111,7 +109,7 @@ def test_dataset_boxes_match_the_samples_without_decoding_images(tmp_path, monke
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr(datasets.common, "read_image", no_decoding)  # voc and custom decode through common.BoxRecords
+    monkeypatch.setattr(formats, "read_image", no_decoding)  # voc and custom decode through formats.BoxRecords
     for name, ds in built.items():
         records = anchor_helper.dataset_boxes(ds)
         assert [(h, w) for _, _, h, w in records] == expected[name + " sizes"], name

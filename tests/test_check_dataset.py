@@ -13,8 +13,8 @@ from conftest import REPO, SHARED_DATA, make_pennfudan
 from PIL import Image
 from test_convert_dataset import make_voc
 
+from formats.voc import VOCDetection, parse_annotation
 from utils import SetupError
-from voc_dataset import VOCDetection, parse_annotation
 
 sys.path.insert(0, str(REPO / "references"))
 import check_dataset  # noqa: E402

@@ -16,10 +16,10 @@ from test_engine import FixedModel
 import engine
 import transforms
 import utils
-from custom_dataset import CustomDataset
 from datasets.coco import CocoDetection
+from formats.custom import CustomDataset
+from formats.voc import VOCDetection, parse_annotation
 from utils import SetupError
-from voc_dataset import VOCDetection, parse_annotation
 
 sys.path.insert(0, str(REPO / "references"))
 import convert_dataset  # noqa: E402

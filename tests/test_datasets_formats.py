@@ -14,9 +14,9 @@ from conftest import SHARED_DATA
 from PIL import Image
 from torchvision import tv_tensors
 
-import custom_dataset as custom
-import voc_dataset as voc
+import formats
 from datasets import coco, common
+from formats import custom, voc
 from utils import SetupError
 
 
@@ -372,7 +372,7 @@ def test_get_height_and_width_does_not_decode(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("decoded an image")
 
-    monkeypatch.setattr(common, "read_image", fail)  # voc and custom decode through common.BoxRecords
+    monkeypatch.setattr(formats, "read_image", fail)  # voc and custom decode through formats.BoxRecords
     assert [coco_ds.get_height_and_width(i) for i in range(3)] == [(40, 50), (30, 40), (20, 20)]
     assert [voc_ds.get_height_and_width(i) for i in range(2)] == [(30, 40), (16, 24)]
     assert [custom_ds.get_height_and_width(i) for i in range(2)] == [(30, 40), (20, 20)]

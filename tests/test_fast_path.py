@@ -8,10 +8,10 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
+import mixed_precision
 import models
 import speed
 import train
-import utils
 
 
 def _pretrained_like(tmp_path, name, num_classes=3, **kwargs):
@@ -165,13 +165,13 @@ def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
         monkeypatch.setattr(
             builtins, "open", lambda p, *a, info=cpuinfo, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k)
         )
-        assert utils.cpu_has_native_bf16() is expected
+        assert mixed_precision.cpu_has_native_bf16() is expected
 
 
 def test_bf16_is_opt_in_on_cpu_and_suggested_where_it_is_native(monkeypatch, capsys):
     cpu = torch.device("cpu")
     for native in (True, False):
-        monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda native=native: native)
         assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype=None), cpu) is None
         assert ("--amp trains" in capsys.readouterr().out) is native
     assert train.get_amp_dtype(argparse.Namespace(amp=True, amp_dtype=None), cpu) is torch.bfloat16

@@ -12,8 +12,8 @@ from conftest import REPO, SHARED_DATA, make_pennfudan
 from PIL import Image
 
 import skip_bad_images
-import voc_dataset as voc
 from datasets import coco, images, pennfudan
+from formats import voc
 from utils import SetupError
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import custom_dataset as custom
 import datasets
 import models
+import multiscale
 import train
 import utils
+from formats import custom
 from utils import SetupError
 
 
@@ -152,7 +153,6 @@ def test_keypoint_metrics_use_cocoeval_keypoint_names():
     "name, min_size, max_size", [("fasterrcnn_mobilenet_v3_large_320_fpn", 320, 640), (None, 200, 300)]
 )
 def test_multiscale_scales_around_the_model_size_and_evaluates_at_it(name, min_size, max_size):
-    import transforms
 
     flags = ["--data-augmentation", "multiscale", "--weights", "none"]
     flags += (
@@ -160,12 +160,12 @@ def test_multiscale_scales_around_the_model_size_and_evaluates_at_it(name, min_s
     )
     args = train.get_args_parser().parse_args(flags)
     model = models.prepare_model(train.get_model(args, 2, "none"), torch.device("cpu"), multiscale=True)
-    assert isinstance(model.transform, transforms.MultiScaleResize)
+    assert isinstance(model.transform, multiscale.MultiScaleResize)
     image = torch.rand(3, 100, 400)  # wide: the max-size cap decides its size
     model.train()
     torch.manual_seed(0)
     widths = {model.transform([image])[0].image_sizes[0][1] for _ in range(60)}  # long side: the scaled cap
-    allowed = [max_size * f for f in transforms.MULTISCALE_FACTORS]
+    allowed = [max_size * f for f in multiscale.MULTISCALE_FACTORS]
     assert len(widths) >= 6 and all(min(abs(w - a) for a in allowed) <= 1.5 for w in widths)
     assert max(widths) == max_size and abs(min(widths) - 0.6 * max_size) <= 1.5
     model.eval()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from datasets.common import BoxChecker, BoxRecords, choose_val_size, random_split, read_classes
+from datasets.common import BoxChecker, choose_val_size, random_split, read_classes
 from datasets.images import image_size
+from formats import BoxRecords
 from utils import SetupError
 
 VOC_CLASSES = (

@@ -18,16 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.common import (
-    BoxChecker,
-    BoxRecords,
-    Subset,
-    boxes_and_labels,
-    choose_val_size,
-    load_json,
-    random_split,
-    read_classes,
-)
+from datasets.common import BoxChecker, Subset, choose_val_size, load_json, random_split, read_classes
+from formats import BoxRecords
 from utils import SetupError
 
 # The only globals a .pkl of arrays, lists and dicts needs. numpy rebuilds arrays with _reconstruct (pickle
@@ -45,6 +37,21 @@ SAFE_GLOBALS = {
     ("numpy", "dtype"),
     ("_codecs", "encode"),
 } | {(module, name) for module in ("builtins", "__builtin__") for name in ("bytes", "bytearray", "set", "frozenset")}
+
+
+def boxes_and_labels(ann, box_key, label_key, where, dtype=np.float32):
+    """[n, 4] boxes and int64 [n] labels from ann[box_key] and ann[label_key] (empty when both are absent).
+
+    Boxes are float32, what training uses; dtype=np.float64 keeps them as written (references/convert_dataset.py).
+    """
+    try:
+        boxes = np.asarray(ann.get(box_key, []), dtype=dtype).reshape(-1, 4)
+        labels = np.asarray(ann.get(label_key, []), dtype=np.int64).reshape(-1)
+    except ValueError:
+        raise SetupError(f"{where}: {box_key} must be (n, 4) numbers and {label_key} (n,) integers") from None
+    if len(boxes) != len(labels):
+        raise SetupError(f"{where}: {len(boxes)} {box_key} but {len(labels)} {label_key}; give one label per box")
+    return boxes, labels
 
 
 class ArraysOnlyUnpickler(pickle.Unpickler):

@@ -1,0 +1,35 @@
+"""What annotation tools put in COCO files that is not a class, found and left out of training.
+
+labelme's COCO export lists "_background_" as category 0; Roboflow's lists the dataset's name as category 0, the
+supercategory of every real class, with no objects. Trained as classes, they waste a logit and skew per-class means.
+datasets.get_coco calls `drop_placeholder_categories`; without this file those entries are classes like the others.
+"""
+
+BACKGROUND_NAMES = ("_background_", "background", "__background__")  # labelme's COCO export has _background_ as id 0
+
+
+def placeholder_categories(categories, objects_per_category):
+    """Categories that are not classes: one named background (labelme), or one without objects whose name is the
+    supercategory of others (Roboflow's exports list the dataset's name as category 0). Returns {id: reason}."""
+    supercategories = {c.get("supercategory") for c in categories if c.get("supercategory") != c["name"]}
+    found = {}
+    for c in categories:
+        if c["name"].lower() in BACKGROUND_NAMES:
+            found[c["id"]] = "a background placeholder"
+        elif not objects_per_category.get(c["id"]) and c["name"] in supercategories:
+            found[c["id"]] = "the supercategory of the others, with no objects"
+    return found
+
+
+def drop_placeholder_categories(train, val):
+    """Leave the placeholder categories of two CocoDetection sets (train, val) out of both, with a note."""
+    categories = train.categories
+    placeholders = placeholder_categories(categories, train.objects_per_category + val.objects_per_category)
+    if placeholders:
+        dropped = [
+            f"{c['name']!r} (id {c['id']}, {placeholders[c['id']]})" for c in categories if c["id"] in placeholders
+        ]
+        print(f"Note: not a class, left out: {', '.join(dropped)}")
+        kept = [c["id"] for c in categories if c["id"] not in placeholders]
+        train.keep_categories(kept)
+        val.keep_categories(kept)
