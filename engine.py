@@ -63,6 +63,16 @@ def log_step(log_file, epoch, step, loss, loss_dict, lr):
         f.write(json.dumps(record) + "\n")
 
 
+def nonfinite(loss_value, loss_dict, epoch, step, targets, skipped, max_nonfinite):
+    """A NaN/inf loss at `step`: FloatingPointError naming the images and every loss, unless it is one of the
+    `max_nonfinite` steps --skip-nonfinite allows (`skipped` counts this one), which is reported and not applied."""
+    losses = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict.items())
+    problem = f"loss is {loss_value} at epoch {epoch} on images {[t['image_id'] for t in targets]} ({losses})"
+    if skipped > max_nonfinite:
+        raise FloatingPointError(f"{problem}.\n  Check those images' boxes, lower --lr, or --skip-nonfinite N.")
+    print(f"Skipped step {step}: {problem} ({skipped} of {max_nonfinite} allowed)")
+
+
 def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,
                     log_file=None, first_step=0, should_stop=None, max_nonfinite=0):  # fmt: skip
     """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
@@ -107,12 +117,8 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if not math.isfinite(loss_value):
-            losses = ", ".join(f"{k}={v.item():.4g}" for k, v in loss_dict_reduced.items())
-            problem = f"loss is {loss_value} at epoch {epoch} on images {[t['image_id'] for t in targets]} ({losses})"
-            if skipped >= max_nonfinite:
-                raise FloatingPointError(f"{problem}.\n  Check those images' boxes, lower --lr, or --skip-nonfinite N.")
             skipped += 1
-            print(f"Skipped step {step - 1}: {problem} ({skipped} of {max_nonfinite} allowed)")
+            nonfinite(loss_value, loss_dict_reduced, epoch, step - 1, targets, skipped, max_nonfinite)
             continue
         if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
             scaler.scale(loss).backward()

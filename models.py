@@ -6,7 +6,7 @@ weights (91 classes), then replace the box predictor (and the mask predictor) by
 `build` makes the same model with random weights, laid out as for pretrained ones when `pretrained` (frozen BatchNorm,
 early stages frozen): what a checkpoint or a local weights file is loaded into (`load_weights`);
 `model_from_checkpoint` rebuilds a train.py checkpoint's model from its model_args, `prepare_model` readies a model
-on its device. The composed detectors (COMPOSED) are built by compose.py, an extra.
+on its device. The composed detectors (COMPOSED) are built by extras/compose.py, an extra.
 """
 
 import os
@@ -22,7 +22,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from utils import SetupError
 
-# --model names built from parts by compose.py (with --backbone and --neck)
+# --model names built from parts by extras/compose.py (with --backbone and --neck)
 COMPOSED = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
 # train.py flags that are also model constructor arguments (absent: the model's defaults)
 MODEL_OPTIONS = ("min_size", "max_size", "box_score_thresh", "backbone", "neck", "anchor_sizes", "anchor_ratios")
@@ -168,10 +168,10 @@ def freeze_like_pretrained(model, name, trainable_layers=3):
 def build(name, num_classes, pretrained=False, trainable_backbone_layers=None, weights_backbone=None, **kwargs):
     """`name` for `num_classes` with random weights (ImageNet ones in the backbone with `weights_backbone`), laid out
     as for pretrained weights when `pretrained`: the structure a checkpoint of it loads into. kwargs: anchor_sizes,
-    anchor_ratios (anchors.py), and the model's own (min_size, max_size, box_score_thresh, ...).
+    anchor_ratios (extras/anchors.py), and the model's own (min_size, max_size, box_score_thresh, ...).
     `model.model_args` keeps the arguments, so that build(**model_args) makes the same model again."""
     if name in COMPOSED:
-        import compose  # an extra: backbone x neck x head
+        from extras import compose  # an extra: backbone x neck x head
 
         layers = dict(trainable_backbone_layers=trainable_backbone_layers, weights_backbone=weights_backbone)
         return compose.build(name, num_classes, pretrained=pretrained, **layers, **kwargs)
@@ -198,7 +198,7 @@ def build(name, num_classes, pretrained=False, trainable_backbone_layers=None, w
         if pretrained:
             freeze_like_pretrained(model, name, layers)
     if sizes is not None or ratios is not None:
-        import anchors  # --anchor-sizes, --anchor-ratios
+        from extras import anchors  # --anchor-sizes, --anchor-ratios
 
         anchors.set_anchors(model, sizes, ratios)
     model.model_args = model_args
@@ -232,7 +232,7 @@ def get_model(name, num_classes, weights="DEFAULT", weights_backbone=None, train
     anchor_sizes, anchor_ratios, min_size, max_size, box_score_thresh, ...
     """
     if name in COMPOSED:
-        import compose
+        from extras import compose
 
         return compose.get_model(name, num_classes, weights, weights_backbone, trainable_backbone_layers, **kwargs)
     if name not in MODELS:
@@ -249,7 +249,7 @@ def get_model(name, num_classes, weights="DEFAULT", weights_backbone=None, train
     sizes, ratios = kwargs.pop("anchor_sizes", None), kwargs.pop("anchor_ratios", None)
     model = torchvision.models.get_model(name, weights=weights, **layers, **kwargs)  # COCO weights, then new heads
     if sizes is not None or ratios is not None:
-        import anchors
+        from extras import anchors
 
         anchors.set_anchors(model, sizes, ratios)
     model.model_args = dict(name=name, num_classes=num_classes, pretrained=True, **layers, **kwargs)
@@ -283,15 +283,15 @@ def prepare_model(
             raise SetupError(
                 f"--data-augmentation multiscale needs an R-CNN-style resize; {type(model).__name__} has none"
             )
-        import multiscale  # random input sizes in training
+        from extras import multiscale  # random input sizes in training
 
         model.transform = multiscale.MultiScaleResize(model.transform)
     if amp:
-        import mixed_precision  # box decoding, anchor matching and the losses in fp32 under autocast
+        from extras import mixed_precision  # box decoding, anchor matching and the losses in fp32 under autocast
 
         mixed_precision.float32_boxes(model)
     model.to(device)
-    import speed  # the speed path; without it the model runs as torchvision ships it
+    from extras import speed  # the speed path; without it the model runs as torchvision ships it
 
     speed.fast_path(model, channels_last, fold_bn, fast_roi_align and device.type == "cpu")  # CUDA's RoIAlign is fast
     if compile:

@@ -27,10 +27,10 @@ import torch
 from torchvision.ops import box_convert
 from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil_image
 
-import draw
 import models
 import utils
 from datasets.images import UnreadableImage, read_image
+from extras import draw
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # what a folder given on the command line is scanned for
 
@@ -189,7 +189,7 @@ def main(args):
     model = load_model(args.checkpoint, args.device)
     if args.tta != "none" or args.tta_scales:
         class_names = model.class_names
-        import tta  # test-time augmentation
+        from extras import tta  # test-time augmentation
 
         model = tta.TTA(model, hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge).eval()
         model.class_names = class_names

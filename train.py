@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 2 train.py --dataset pennfudan ...          # several processes (GPUs or CPU)
 
 Everything a run writes goes to --output-dir: checkpoint.pth (latest), model_{epoch}.pth, best.pth, args.json,
-log.txt (the console) and log.jsonl (one JSON object per epoch). The extras (compose.py, speed.py, tta.py, ...) are
-imported where a flag asks for them.
+log.txt (the console) and log.jsonl (one JSON object per epoch). The extras (extras/: compose.py, speed.py, tta.py,
+...) are imported where a flag asks for them.
 """
 
 import argparse
@@ -21,11 +21,11 @@ import torch
 
 import datasets
 import models
-import preemption
 import transforms
 import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
+from extras import preemption
 
 
 def get_args_parser(add_help=True):
@@ -182,7 +182,7 @@ def get_datasets(args):
     root = args.data_path or os.path.join("data", "PennFudanPed")
     train_set, val_set, class_names = datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
     if args.skip_bad_images:
-        import skip_bad_images  # an unreadable image is skipped instead of stopping the run
+        from extras import skip_bad_images  # an unreadable image is skipped instead of stopping the run
 
         train_set, val_set = skip_bad_images.wrap(train_set, val_set)
     return train_set, val_set, class_names
@@ -289,7 +289,7 @@ def get_amp_dtype(args, device):
     if amp is None:  # on for CUDA; off on CPU, where bf16 cost ~1.5 AP in README's short from-scratch runs
         amp = device.type == "cuda" or args.amp_dtype is not None  # --amp-dtype alone asks for it too
         if not amp and device.type == "cpu":
-            import mixed_precision
+            from extras import mixed_precision
 
             if mixed_precision.cpu_has_native_bf16():
                 print(
@@ -494,7 +494,7 @@ def train_epochs(run):
     print(f"Training time {datetime.timedelta(seconds=int(total))}")
     write_detections(args.out, metrics, run.val_set)
     if rank == 0 and args.epochs > run.start_epoch:
-        import report  # report.md: metrics, curves, drawn validation images, throughput
+        from extras import report  # report.md: metrics, curves, drawn validation images, throughput
 
         images = (args.epochs - run.start_epoch) * len(loader) * args.batch_size * run.world_size
         report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
@@ -510,7 +510,7 @@ def end_of_epoch(run, epoch):
             run, last, os.path.join(args.output_dir, "val_images") if last and run.rank == 0 else None
         )
         if args.val_loss:
-            import val_loss as validation  # the training losses on the validation set
+            from extras import val_loss as validation  # the training losses on the validation set
 
             val_loss = validation.validation_loss(run.model_without_ddp, run.val_loader, run.device, run.amp_dtype)
             print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
@@ -528,22 +528,22 @@ def run_evaluation(run, final, show_dir=None):
     args, model, val_loader, device, metrics = run.args, run.model, run.val_loader, run.device, {}
     options = dict(class_names=run.class_names, amp_dtype=run.amp_dtype)
     if args.dataset == "voc":
-        import voc_eval  # VOC's mAP@0.5 next to COCO's AP
+        from extras import voc_eval  # VOC's mAP@0.5 next to COCO's AP
 
         options["scorers"] = [voc_eval.score]
     if "bbox" in args.eval:
         on_image = None
         if show_dir:
-            import draw  # drawn predictions: --show-dir, report.md's images
+            from extras import draw  # drawn predictions: --show-dir, report.md's images
 
             on_image = draw.ImageSaver(show_dir, run.class_names, None if args.test_only else args.report_images)
         metrics = evaluate(model, val_loader, device, **options, on_image=on_image)
     if "proposal" in args.eval:
-        import proposals  # the RPN's recall, to tune anchors
+        from extras import proposals  # the RPN's recall, to tune anchors
 
         metrics["proposal"] = proposals.evaluate_proposals(model, val_loader, device, amp_dtype=run.amp_dtype)
     if final and "bbox" in args.eval and (args.tta != "none" or args.tta_scales):
-        import tta  # test-time augmentation
+        from extras import tta  # test-time augmentation
 
         views = dict(hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
         tta.evaluate_with_tta(run.model_without_ddp, val_loader, device, metrics, **views, **options)

@@ -256,7 +256,7 @@ def init_distributed_mode(device="cuda", dist_url="env://"):
     env = os.environ
     torchrun = "RANK" in env and "WORLD_SIZE" in env
     if not torchrun and "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:
-        import slurm  # an srun step: SLURM's variables become torchrun's
+        from extras import slurm  # an srun step: SLURM's variables become torchrun's
 
         slurm.set_torchrun_env(env)
     elif not torchrun:

@@ -54,7 +54,7 @@ def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=Non
     val = CocoDetection(val_images or root / "val2017", val_ann, val_transforms, **options)
     if train.categories != val.categories:
         raise SetupError(f"train and val annotation files list different categories: {train.classes} vs {val.classes}")
-    import tool_exports  # categories that annotation tools write but are not classes
+    from extras import tool_exports  # categories that annotation tools write but are not classes
 
     tool_exports.drop_placeholder_categories(train, val)
     learned = train.category_id_to_label
@@ -69,15 +69,15 @@ def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=Non
 
 
 def get_voc(root, train_transforms, val_transforms, **options):
-    """Pascal VOC XML (formats/voc.py, an extra: imported when --dataset voc asks for it)."""
-    from formats import voc
+    """Pascal VOC XML (extras/formats/voc.py, an extra: imported when --dataset voc asks for it)."""
+    from extras.formats import voc
 
     return voc.get_voc(root, train_transforms, val_transforms, **options)
 
 
 def get_custom(root, train_transforms, val_transforms, **options):
-    """mmdetection's list of dicts (formats/custom.py, an extra)."""
-    from formats import custom
+    """mmdetection's list of dicts (extras/formats/custom.py, an extra)."""
+    from extras.formats import custom
 
     return custom.get_custom(root, train_transforms, val_transforms, **options)
 

@@ -88,7 +88,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.categories = categories  # as in the file, sorted by id; keep_categories may leave some out
         self.keep_categories([c["id"] for c in categories])
         annotations = [ann for anns in anns_per_image.values() for ann in anns]
-        # objects (not crowd regions) per category id: what tool_exports.py and the no-objects warning read
+        # objects (not crowd regions) per category id: what extras/tool_exports.py and the no-objects warning read
         self.objects_per_category = Counter(a["category_id"] for a in annotations if not a.get("iscrowd", 0))
         self._has_masks = any(ann.get("segmentation") for ann in annotations)
         if masks and not self.has_masks:

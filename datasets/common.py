@@ -1,7 +1,7 @@
 """What the dataset classes share: json and class-list reading, box checks, splits.
 
-The dataset classes (coco.py, pennfudan.py; formats/ among the extras) and the reference tools import these; images.py
-reads the image files.
+The dataset classes (coco.py, pennfudan.py; extras/formats/ among the extras) and the reference tools import these;
+images.py reads the image files.
 """
 
 import json

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import common  # noqa: E402
 
 import datasets  # noqa: E402
-import skip_bad_images  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from datasets.images import read_image  # noqa: E402
-from formats import BoxRecords  # noqa: E402
+from extras import skip_bad_images  # noqa: E402
+from extras.formats import BoxRecords  # noqa: E402
 
 COCO_RANGES = {"small (<32^2)": (0, 32**2), "medium (<96^2)": (32**2, 96**2), "large": (96**2, math.inf)}  # px^2
 # Factors on the current sizes, tried as grids: torchvision's sizes double from one to the next, so factors within

@@ -185,8 +185,8 @@ def run_worker(argv, config):
 
 
 def train_for_accuracy(argv, config, args):
-    """train.py for --accuracy-epochs in a child process; its final metrics from log.jsonl. The run keeps its
-    checkpoint.pth and best.pth (no model_{epoch}.pth: a measurement, not a model to keep)."""
+    """train.py for --accuracy-epochs in a child process; its final metrics from log.jsonl. Of its checkpoints only
+    best.pth stays (a measurement: no model_{epoch}.pth, and checkpoint.pth is removed once the run has finished)."""
     out = os.path.join(os.path.dirname(args.json) or ".", f"accuracy_{config}")
     epochs = ["--epochs", str(args.accuracy_epochs), "--save-interval", str(args.accuracy_epochs + 1)]
     flags = [*argv, *CONFIGS[config][0], *epochs, "--output-dir", out]
@@ -196,6 +196,7 @@ def train_for_accuracy(argv, config, args):
     if done.returncode != 0:
         raise utils.SetupError(f"training the {config} configuration failed:\n{done.stderr.strip()[-2000:]}")
     last = json.loads(Path(out, "log.jsonl").read_text().splitlines()[-1])
+    Path(out, "checkpoint.pth").unlink()
     result = {"minutes": (time.perf_counter() - tic) / 60}
     result.update({f"{t}_{k}": last[t][k] for t in ("bbox", "segm") if t in last for k in ("AP", "AP50")})
     return result

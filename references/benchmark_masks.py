@@ -1,4 +1,4 @@
-"""How long do pasting and RLE-encoding a Mask R-CNN's masks take? torchvision's way against speed.py's.
+"""How long do pasting and RLE-encoding a Mask R-CNN's masks take? torchvision's way against extras/speed.py's.
 
     python references/benchmark_masks.py                      # 100 detections on a 800 x 1066 image
     python references/benchmark_masks.py --detections 20 --height 480 --width 640
@@ -22,7 +22,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where engine.py lives
 import engine  # noqa: E402
-import speed  # noqa: E402
+from extras import speed  # noqa: E402
 
 
 def fake_detections(n, height, width, seed=0):

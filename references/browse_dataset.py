@@ -19,9 +19,9 @@ from torchvision.utils import draw_segmentation_masks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
 import common  # noqa: E402
 
-import draw  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
+from extras import draw  # noqa: E402
 
 COLOR = "red"  # the ground truth colour of draw.draw_predictions
 NO_PREDICTION = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}

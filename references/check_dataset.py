@@ -41,8 +41,8 @@ from convert_dataset import coordinate, parallel_map  # noqa: E402  (this script
 from datasets.coco import REQUIRED_FIELDS  # noqa: E402
 from datasets.common import load_json, read_classes  # noqa: E402
 from datasets.images import SWAPS_SIDES, orientation  # noqa: E402
-from formats.custom import boxes_and_labels, load_middle_format  # noqa: E402
-from formats.voc import (  # noqa: E402
+from extras.formats.custom import boxes_and_labels, load_middle_format  # noqa: E402
+from extras.formats.voc import (  # noqa: E402
     BOX_TAGS,
     VOC_CLASSES,
     find_image,
@@ -145,7 +145,7 @@ def read_voc(root, classes, splits, problems):
         width, height, parsed = parse_annotation(xml_path, xml)
         objects = []
         for name, (x1, y1, x2, y2), difficult in parsed:
-            # VOC is 1-based and includes both ends: pixel edges are x1 = xmin - 1, x2 = xmax (formats/voc.py);
+            # VOC is 1-based and includes both ends: pixel edges are x1 = xmin - 1, x2 = xmax (extras/formats/voc.py);
             # xmax == xmin is a click without a drag (VOCDetection drops it), not a 1-pixel object
             box, valid = [x1 - 1, y1 - 1, x2, y2], x2 > x1 and y2 > y1
             objects.append(obj(name if name in classes else None, name, box, valid, difficult, (x1, y1, x2, y2)))

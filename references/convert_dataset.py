@@ -45,8 +45,8 @@ from datasets import coco  # noqa: E402
 from datasets.coco import CocoDetection  # noqa: E402
 from datasets.common import BoxChecker, read_classes  # noqa: E402
 from datasets.images import image_size  # noqa: E402
-from formats.custom import CustomDataset, boxes_and_labels, load_middle_format  # noqa: E402
-from formats.voc import (  # noqa: E402
+from extras.formats.custom import CustomDataset, boxes_and_labels, load_middle_format  # noqa: E402
+from extras.formats.voc import (  # noqa: E402
     BOX_TAGS,
     VOCDetection,
     find_image,
@@ -200,7 +200,7 @@ def read_voc(root, split, classes, workers):
                 "file_name": f"{image_id}.jpg",
                 "width": int(width),
                 "height": int(height),
-                # VOC is 1-based and includes both ends: pixel edges are x1 = xmin - 1, x2 = xmax (formats/voc.py)
+                # VOC is 1-based and includes both ends: pixel edges x1 = xmin - 1, x2 = xmax (extras/formats/voc.py)
                 "boxes": [[xmin - 1, ymin - 1, xmax, ymax] for _, (xmin, ymin, xmax, ymax), _ in objects],
                 "labels": [index[name] for name, _, _ in objects],
                 "ignore": [difficult for _, _, difficult in objects],

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where utils.py lives
-import report  # noqa: E402
+from extras import report  # noqa: E402
 
 
 def log_file(path):

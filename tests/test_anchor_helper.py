@@ -14,10 +14,9 @@ from test_convert_dataset import make_voc
 from test_datasets_formats import write_coco, write_middle
 
 import datasets
-import formats
 import models
-import skip_bad_images
-from formats import custom, voc
+from extras import formats, skip_bad_images
+from extras.formats import custom, voc
 
 sys.path.insert(0, str(REPO / "references"))
 import anchor_helper  # noqa: E402

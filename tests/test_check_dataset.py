@@ -13,7 +13,7 @@ from conftest import REPO, SHARED_DATA, make_pennfudan
 from PIL import Image
 from test_convert_dataset import make_voc
 
-from formats.voc import VOCDetection, parse_annotation
+from extras.formats.voc import VOCDetection, parse_annotation
 from utils import SetupError
 
 sys.path.insert(0, str(REPO / "references"))

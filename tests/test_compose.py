@@ -6,8 +6,8 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
-import compose
 import models
+from extras import compose
 from utils import SetupError
 
 SMALL = dict(min_size=64, max_size=96)  # 64 x 80 images stay 64 x 80 (padded to 64 x 96 inside the model)

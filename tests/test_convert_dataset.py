@@ -17,8 +17,8 @@ import engine
 import transforms
 import utils
 from datasets.coco import CocoDetection
-from formats.custom import CustomDataset
-from formats.voc import VOCDetection, parse_annotation
+from extras.formats.custom import CustomDataset
+from extras.formats.voc import VOCDetection, parse_annotation
 from utils import SetupError
 
 sys.path.insert(0, str(REPO / "references"))

@@ -14,9 +14,9 @@ from conftest import SHARED_DATA
 from PIL import Image
 from torchvision import tv_tensors
 
-import formats
 from datasets import coco, common
-from formats import custom, voc
+from extras import formats
+from extras.formats import custom, voc
 from utils import SetupError
 
 

@@ -11,13 +11,11 @@ import torch
 import torch.distributed as dist
 from test_distributed import free_port
 
-import compose
 import engine
-import mixed_precision
 import models
 import train
 import utils
-import val_loss
+from extras import compose, mixed_precision, val_loss
 
 CPU = torch.device("cpu")
 

@@ -8,9 +8,8 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import engine
 import models
-import speed
 import utils
-import voc_eval
+from extras import speed, voc_eval
 
 
 class FixedModel(torch.nn.Module):

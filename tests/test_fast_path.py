@@ -8,10 +8,9 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
-import mixed_precision
 import models
-import speed
 import train
+from extras import mixed_precision, speed
 
 
 def _pretrained_like(tmp_path, name, num_classes=3, **kwargs):

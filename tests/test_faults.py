@@ -11,9 +11,9 @@ import torch
 from conftest import REPO, make_pennfudan
 
 import engine
-import preemption
 import train
 import utils
+from extras import preemption
 
 TINY = (
     "--weights none --min-size 64 --max-size 96 -j 0 --print-freq 1 --model fasterrcnn_mobilenet_v3_large_320_fpn "
@@ -23,7 +23,7 @@ TINY = (
 
 def train_cli(data, out, *extra):
     cli = [sys.executable, str(REPO / "train.py"), "--data-path", str(data), "--output-dir", str(out), "--epochs", "2"]
-    return cli + TINY + list(extra)
+    return cli + TINY + ["--save-interval", "100"] + list(extra)  # no model_{epoch}.pth: ~150 MB each
 
 
 def test_sigterm_mid_epoch_then_resume_auto_equals_an_uninterrupted_run(tmp_path):

@@ -11,9 +11,9 @@ import torch
 from conftest import REPO, SHARED_DATA, make_pennfudan
 from PIL import Image
 
-import skip_bad_images
 from datasets import coco, images, pennfudan
-from formats import voc
+from extras import skip_bad_images
+from extras.formats import voc
 from utils import SetupError
 
 

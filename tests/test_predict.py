@@ -18,7 +18,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
 import models
 import predict
 import train
-from tta import TTA
+from extras.tta import TTA
 
 sys.path.insert(0, str(REPO / "references"))
 import browse_dataset  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from proposals import evaluate_proposals, rpn_proposals
+from extras.proposals import evaluate_proposals, rpn_proposals
 
 # (height, width) and ground-truth boxes (XYXY pixels) of each image: small (< 32^2 px), medium and large objects
 IMAGES = [

@@ -7,9 +7,9 @@ import torch
 from conftest import REPO
 from PIL import Image
 
-import compose
 import datasets
 import train
+from extras import compose
 
 
 def readme_block(name):
@@ -71,7 +71,7 @@ def test_csv_dataset_example_follows_the_contract_and_trains(tmp_path, monkeypat
 
 
 def _paste_into_compose(monkeypatch, name, new_names):
-    """Run a README block as if pasted at the end of compose.py; undone after the test."""
+    """Run a README block as if pasted at the end of extras/compose.py; undone after the test."""
     for table in ("STAGES", "BACKBONES", "NECKS"):
         monkeypatch.setattr(compose, table, dict(getattr(compose, table)))
     for new in new_names:

@@ -10,10 +10,10 @@ from PIL import Image
 
 import datasets
 import models
-import multiscale
 import train
 import utils
-from formats import custom
+from extras import multiscale
+from extras.formats import custom
 from utils import SetupError
 
 

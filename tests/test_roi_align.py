@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torchvision.ops import MultiScaleRoIAlign
 
-from fast_roi_align import FastMultiScaleRoIAlign, roi_align, use_fast_roi_align
+from extras.fast_roi_align import FastMultiScaleRoIAlign, roi_align, use_fast_roi_align
 
 ATOL = 1e-4  # fp32, unit-scale features and upstream gradients
 

@@ -10,6 +10,7 @@ import train
 import utils
 
 TINY = ["--weights", "none", "--min-size", "64", "--max-size", "96", "-j", "0", "--print-freq", "5"]
+TINY += ["--save-interval", "100"]  # no model_{epoch}.pth (100-350 MB each) unless a test asks for them
 
 
 def run(*argv):
@@ -18,10 +19,13 @@ def run(*argv):
 
 def test_train_then_test_only(pennfudan_dir, tmp_path, capsys):
     out = tmp_path / "run"
+    # TINY's --save-interval: no model_0.pth, each copy of this Mask R-CNN is ~340 MB (test_resume checks model_{epoch})
     metrics = run("--data-path", pennfudan_dir, "--val-size", 3, "--epochs", 1, "--output-dir", out, *TINY)
     assert set(metrics) >= {"bbox", "segm", "detections"}  # the default model is Mask R-CNN
-    for name in ("checkpoint.pth", "model_0.pth", "best.pth", "args.json", "log.txt", "log.jsonl"):
+    for name in ("checkpoint.pth", "best.pth", "args.json", "log.txt", "log.jsonl"):
         assert (out / name).is_file(), name
+    assert not (out / "model_0.pth").exists()
+    (out / "best.pth").unlink()  # the same weights as checkpoint.pth
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     epochs, steps = [r for r in log if "iter" not in r], [r for r in log if "iter" in r]
     assert len(epochs) == 1 and epochs[0]["epoch"] == 0 and [r["iter"] for r in steps] == [0]  # 2 steps, every 5th
@@ -76,7 +80,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(pennfudan_dir, tm
         1,
         *TINY,
     ]
-    run(*common, "--epochs", 2, "--output-dir", tmp_path / "straight")
+    run(*common, "--epochs", 2, "--output-dir", tmp_path / "straight", "--save-interval", 1)
+    for name in ("model_0.pth", "model_1.pth", "best.pth"):  # --save-interval 1 (the default): one per epoch
+        (tmp_path / "straight" / name).unlink()  # ~150 MB each
     run(*common, "--epochs", 1, "--output-dir", tmp_path / "stopped")  # "killed" after epoch 0
     run(*common, "--epochs", 2, "--output-dir", tmp_path / "stopped", "--resume", "auto")
     straight = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
@@ -123,8 +129,11 @@ def test_real_pennfudan_mask_rcnn(real_pennfudan, tmp_path, capsys):
         2,
         "--print-freq",
         20,
+        "--save-interval",
+        100,
     )
     assert (out / "checkpoint.pth").is_file()
+    (out / "best.pth").unlink()  # the same ~340 MB as checkpoint.pth
     printed = capsys.readouterr().out
     assert "pennfudan: 120 train / 50 val images" in printed and "[59/60]" in printed
     run(
@@ -153,6 +162,7 @@ def test_load_from_a_checkpoint_with_other_classes(pennfudan_dir, tmp_path, caps
     common = ["--data-path", pennfudan_dir, "--val-size", 2, "--model", "fasterrcnn_mobilenet_v3_large_320_fpn", *TINY]
     run(*common, "--epochs", 1, "--output-dir", tmp_path / "first")
     first = torch.load(tmp_path / "first" / "checkpoint.pth", weights_only=True)
+    (tmp_path / "first" / "best.pth").unlink()  # ~150 MB, not needed
     # Pretend the first run had 3 classes: its predictor no longer fits Penn-Fudan's 1 + background.
     first["model"]["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(4, 1024)
     first["model"]["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(4)

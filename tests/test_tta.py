@@ -7,7 +7,7 @@ import torch
 
 import models
 import transforms
-from tta import TTA
+from extras.tta import TTA
 
 TRUTH = [10.0, 8.0, 30.0, 28.0]  # the bright square of `_image`, XYXY pixel extents
 

@@ -16,7 +16,7 @@ import torch
 
 from datasets.common import BoxChecker, choose_val_size, random_split, read_classes
 from datasets.images import image_size
-from formats import BoxRecords
+from extras.formats import BoxRecords
 from utils import SetupError
 
 VOC_CLASSES = (

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from datasets.common import BoxChecker, Subset, choose_val_size, load_json, random_split, read_classes
-from formats import BoxRecords
+from extras.formats import BoxRecords
 from utils import SetupError
 
 # The only globals a .pkl of arrays, lists and dicts needs. numpy rebuilds arrays with _reconstruct (pickle

@@ -18,7 +18,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScale
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 import models
-from anchors import anchor_generator
+from extras.anchors import anchor_generator
 
 # The blocks of each ImageNet classifier that end its stride 4, 8, 16, 32 stages (maps C2..C5: C_l is 2^l px per
 # cell), and their channels. ResNets name their stages; the others count the blocks of their `features` Sequential.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
-from fast_roi_align import use_fast_roi_align
+from extras.fast_roi_align import use_fast_roi_align
 
 
 class ConvFrozenBN(torch.nn.Conv2d):
