@@ -154,13 +154,19 @@ class PasteInBoxes(GeneralizedRCNNTransform):
         return result
 
 
+def _contiguous(module, inputs, output):
+    return output.contiguous()  # NCHW again, as the code after the predictor expects; a copy only for NHWC outputs
+
+
 def fast_path(model, channels_last=True, fold_bn=True, fast_roi_align=False):
     """Make `model` (on its device) fast without changing what it computes in fp32; see the module docstring."""
     if fold_bn:
         fold_frozen_batchnorm(model)
+    roi_heads = getattr(model, "roi_heads", None)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    roi_heads = getattr(model, "roi_heads", None)
+        if getattr(roi_heads, "keypoint_predictor", None) is not None:  # torchvision's keypoint loss .view()s them
+            roi_heads.keypoint_predictor.register_forward_hook(_contiguous)
     if fast_roi_align and roi_heads is not None:
         use_fast_roi_align(model)
     if roi_heads is not None and roi_heads.has_mask() and isinstance(model.transform, GeneralizedRCNNTransform):

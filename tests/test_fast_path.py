@@ -177,3 +177,24 @@ def test_bf16_is_opt_in_on_cpu_and_suggested_where_it_is_native(monkeypatch, cap
     assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype="bf16"), cpu) is torch.bfloat16
     assert train.get_amp_dtype(argparse.Namespace(amp=False, amp_dtype=None), torch.device("cuda")) is None
     assert train.get_amp_dtype(argparse.Namespace(amp=None, amp_dtype=None), torch.device("cuda")) is torch.float16
+
+
+def test_keypoint_rcnn_trains_on_the_fast_path_in_fp32():
+    """channels_last makes the keypoint predictor's logits NHWC, which torchvision's keypoint loss .view()s: the fast
+    path hands them on contiguous, and the loss is the one of the plain model."""
+    torch.manual_seed(0)
+    plain = models.get_model("keypointrcnn_resnet50_fpn", num_classes=2, weights="none", min_size=64, max_size=96)
+    fast = models.prepare_model(copy.deepcopy(plain), torch.device("cpu"))  # fp32: no mixed_precision hooks
+    images, targets = _batch()
+    for target in targets:
+        x1, y1, x2, y2 = target["boxes"][0].tolist()
+        points = torch.stack([torch.linspace(x1 + 1, x2 - 1, 17), torch.linspace(y1 + 1, y2 - 1, 17)], dim=1)
+        target["keypoints"] = torch.cat([points, torch.full((17, 1), 2.0)], dim=1)[None]  # [1, 17, 3], all visible
+    losses = {}
+    for label, model in (("plain", plain), ("fast", fast)):
+        model.train()
+        torch.manual_seed(1)
+        losses[label] = model(images, targets)
+        sum(losses[label].values()).backward()
+    assert losses["fast"]["loss_keypoint"] > 0
+    assert losses["fast"]["loss_keypoint"].item() == pytest.approx(losses["plain"]["loss_keypoint"].item(), rel=1e-3)

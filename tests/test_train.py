@@ -277,6 +277,7 @@ def test_real_tiny_coco_masks_and_original_category_ids(tmp_path, capsys):
         out,
         *TINY,
     )
+    (tmp_path / "best.pth").unlink()  # ~340 MB, the same weights as checkpoint.pth
     assert "segm" in metrics and len(metrics["bbox_per_class"]) == 80
     categories = {c["id"] for c in json.loads((root / "annotations/instances_val2017.json").read_text())["categories"]}
     written = [d["category_id"] for d in json.loads(out.read_text())]
@@ -435,6 +436,7 @@ def test_checkpoints_rebuild_without_structure_flags_old_format_too(pennfudan_di
     parts = ["--model", "fasterrcnn", "--backbone", "resnet18", "--neck", "pafpn", "--anchor-ratios", "0.5,1,2,3"]
     metrics = run("--data-path", pennfudan_dir, *parts, "--val-size", 3, "--epochs", 1, "--output-dir", out, *TINY)
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=True)
+    (out / "best.pth").unlink()  # ~240 MB, the same weights
     assert checkpoint["model_args"]["backbone"] == "resnet18" and checkpoint["model_args"]["neck"] == "pafpn"
     old = {k: v for k, v in checkpoint.items() if k != "model_args"}  # the checkpoint format before this one
     torch.save(old, tmp_path / "old.pth")
