@@ -312,6 +312,7 @@ def test_real_tiny_coco_person_keypoints(tmp_path, capsys):
         *TINY,
     )
     assert "keypoints" in metrics and "IoU metric: keypoints" in capsys.readouterr().out
+    (tmp_path / "best.pth").unlink()  # ~450 MB, the same weights as checkpoint.pth
     # COCOeval's 10 keypoint stats under their own names, in the returned dict, log.jsonl and report.md
     names = ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"]
     assert list(metrics["keypoints"]) == names
