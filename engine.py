@@ -73,6 +73,17 @@ def nonfinite(loss_value, loss_dict, epoch, step, targets, skipped, max_nonfinit
     print(f"Skipped step {step}: {problem} ({skipped} of {max_nonfinite} allowed)")
 
 
+def step_with_scaler(loss, optimizer, scaler=None):
+    """Backward and optimizer step; with fp16 on CUDA the scaler scales the loss so small gradients do not underflow."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,
                     log_file=None, first_step=0, should_stop=None, max_nonfinite=0):  # fmt: skip
     """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
@@ -95,14 +106,14 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
         images, targets, bad = readable(images, targets)
         unreadable += bad
-        # every image of this batch was unreadable (--skip-bad-images): skip the step if every rank's was; else
-        # this rank steps on a blank image with a zero loss, joining DDP's gradient all-reduce like the others
-        if not utils.any_rank(images):
+        if not utils.any_rank(images):  # --skip-bad-images left no image on any rank: all skip the step
             step += 1
             continue
         empty = not images
-        if empty:
-            images, targets = _blank_sample(model)
+        if empty:  # only this rank's batch was unreadable: step on a blank image with a zero loss, joining DDP
+            from extras.skip_bad_images import blank_sample
+
+            images, targets = blank_sample(model)
         warm_up(optimizer, epoch, step, warmup_iters)
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [without_crowd(to_device(t, device)) for t in targets]
@@ -120,13 +131,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
             skipped += 1
             nonfinite(loss_value, loss_dict_reduced, epoch, step - 1, targets, skipped, max_nonfinite)
             continue
-        if scaler is not None:  # fp16 on CUDA: scale the loss so small gradients do not underflow
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        step_with_scaler(loss, optimizer, scaler)
         metric_logger.update(loss=loss_value, **loss_dict_reduced)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         if log_file and (step - 1) % print_freq == 0 and utils.is_main_process():
@@ -136,17 +141,6 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     metric_logger.synchronize_between_processes()
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
     return {**stats, "steps": step, "nonfinite_skipped": skipped, "unreadable_skipped": unreadable}
-
-
-def _blank_sample(model):
-    """A 64x64 black image without objects, and its target with every field the model's heads read."""
-    heads = getattr(getattr(model, "module", model), "roi_heads", None)
-    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "image_id": -1}
-    if heads is not None and heads.has_mask():
-        target["masks"] = torch.zeros((0, 64, 64), dtype=torch.uint8)
-    if heads is not None and heads.has_keypoint():
-        target["keypoints"] = torch.zeros((0, heads.keypoint_predictor.kps_score_lowres.out_channels, 3))
-    return [torch.zeros(3, 64, 64)], [target]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -170,8 +170,9 @@ def get_datasets(args):
         ),
         "voc": dict(**split, classes=args.classes, train_split=args.train_split, val_split=args.val_split),
         "custom": dict(**split, **annotations, classes=args.classes),
+        "yolo": {},  # data.yaml names the splits and the classes
     }.get(args.dataset, dict(**annotations, classes=args.classes))  # a dataset you add: annotation files, classes
-    if args.dataset in ("coco", "voc", "custom"):  # (boxes made from Penn-Fudan's masks are never degenerate)
+    if args.dataset in ("coco", "voc", "custom", "yolo"):  # (boxes made from Penn-Fudan's masks are never degenerate)
         options["strict"] = args.strict
     coco_paths = args.dataset == "coco" and all(coco_images.values()) and all(annotations.values())
     if args.data_path is None and args.dataset != "pennfudan" and not coco_paths:
@@ -285,16 +286,12 @@ def create_model(args, num_classes, checkpoint, device, local_rank, amp_dtype=No
 
 def get_amp_dtype(args, device):
     """The autocast dtype of --amp / --amp-dtype, or None for fp32."""
-    amp = args.amp
-    if amp is None:  # on for CUDA; off on CPU, where bf16 cost ~1.5 AP in README's short from-scratch runs
-        amp = device.type == "cuda" or args.amp_dtype is not None  # --amp-dtype alone asks for it too
-        if not amp and device.type == "cpu":
-            from extras import mixed_precision
+    # default: on for CUDA (or when --amp-dtype asks); off on CPU, where bf16 cost ~1.5 AP in README's short runs
+    amp = args.amp if args.amp is not None else device.type == "cuda" or args.amp_dtype is not None
+    if args.amp is None and not amp and device.type == "cpu":
+        from extras import mixed_precision
 
-            if mixed_precision.cpu_has_native_bf16():
-                print(
-                    "This CPU computes bf16 natively: --amp trains up to ~3x faster, at some cost in AP (README, Speed)"
-                )
+        mixed_precision.note_native_bf16()  # says when this CPU would train faster with --amp
     if not amp:
         return None
     dtype = args.amp_dtype or ("bf16" if device.type == "cpu" else "fp16")
@@ -421,9 +418,7 @@ def main(args):
                 run.start_epoch, run.first_step, run.best_ap, run.rng = resume_from(checkpoint, args, run)
 
             if args.test_only:
-                metrics = run_evaluation(run, final=True, show_dir=args.show_dir)
-                write_detections(args.out, metrics, val_set)
-                return metrics
+                return run_evaluation(run, final=True, show_dir=args.show_dir)
             return train_epochs(run)
 
 
@@ -492,7 +487,6 @@ def train_epochs(run):
 
     total = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total))}")
-    write_detections(args.out, metrics, run.val_set)
     if rank == 0 and args.epochs > run.start_epoch:
         from extras import report  # report.md: metrics, curves, drawn validation images, throughput
 
@@ -524,7 +518,8 @@ def end_of_epoch(run, epoch):
 
 
 def run_evaluation(run, final, show_dir=None):
-    """The --eval metrics; on the `final` evaluation the --tta ones too, under "tta", with the AP they change."""
+    """The --eval metrics; on the `final` evaluation the --tta ones too, under "tta", with the AP they change, and the
+    detections written to --out."""
     args, model, val_loader, device, metrics = run.args, run.model, run.val_loader, run.device, {}
     options = dict(class_names=run.class_names, amp_dtype=run.amp_dtype)
     if args.dataset == "voc":
@@ -547,20 +542,11 @@ def run_evaluation(run, final, show_dir=None):
 
         views = dict(hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
         tta.evaluate_with_tta(run.model_without_ddp, val_loader, device, metrics, **views, **options)
+    if final and args.out:
+        from extras import results_json  # the detections as a COCO results json
+
+        results_json.write_detections(args.out, metrics, run.val_set)
     return metrics
-
-
-def write_detections(path, metrics, dataset):
-    """COCO results json; labels go back to the dataset's own category ids where it has them (COCO json)."""
-    if path and utils.is_main_process() and "detections" in metrics:
-        to_category = getattr(dataset, "label_to_category_id", None)
-        detections = [
-            {**d, "category_id": to_category[d["category_id"]] if to_category else d["category_id"]}
-            for d in metrics["detections"]
-        ]
-        with open(path, "w") as f:
-            json.dump(detections, f)
-        print(f"Wrote {len(metrics['detections'])} detections to {path}")
 
 
 if __name__ == "__main__":

@@ -337,24 +337,13 @@ def setup_logging(is_master, log_file=None):
     return restore
 
 
-def peak_memory_mb(device=None):
-    """Peak memory of this process on `device` (default: the current CUDA device if any): CUDA memory allocated on
-    a GPU, resident set size (RSS) on CPU, in MiB."""
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def current_rss_mb():
-    """Resident memory of this process now, in MiB (Linux /proc; elsewhere the peak, which is what is known)."""
+    """Resident memory of this process now, in MiB (Linux's /proc; None elsewhere)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
-        return peak_memory_mb("cpu")
+        return None
 
 
 def load_checkpoint(path, flag="--resume", fix=None):

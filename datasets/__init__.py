@@ -16,7 +16,6 @@ A builder in DATASETS returns (train_dataset, val_dataset, class_names), class_n
 To train on your own data, write a Dataset class that returns the contract above and add a builder here.
 """
 
-import warnings
 from pathlib import Path
 
 from utils import SetupError
@@ -44,27 +43,17 @@ def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=Non
     """
     root = Path(root or ".")  # no root: --train-ann, --val-ann, --train-images and --val-images say it all
     ann_dir, options = root / "annotations", dict(masks=masks, strict=strict)
-    train_ann, val_ann = (
-        train_ann or ann_dir / "instances_train2017.json",
-        val_ann or ann_dir / "instances_val2017.json",
-    )
+    train_ann = train_ann or ann_dir / "instances_train2017.json"
+    val_ann = val_ann or ann_dir / "instances_val2017.json"
     train = CocoDetection(
         train_images or root / "train2017", train_ann, train_transforms, keep_empty=keep_empty, **options
     )
     val = CocoDetection(val_images or root / "val2017", val_ann, val_transforms, **options)
     if train.categories != val.categories:
         raise SetupError(f"train and val annotation files list different categories: {train.classes} vs {val.classes}")
-    from extras import tool_exports  # categories that annotation tools write but are not classes
+    from extras import tool_exports  # placeholder categories that tools write; classes without objects
 
-    tool_exports.drop_placeholder_categories(train, val)
-    learned = train.category_id_to_label
-    never = [c["name"] for c in train.categories if c["id"] in learned and not train.objects_per_category[c["id"]]]
-    if never:
-        warnings.warn(
-            f"{train.ann_file}: no training objects of {len(never)} categories, which the model can never learn: "
-            f"{', '.join(never)}. Annotate some, or remove them from the categories",
-            stacklevel=2,
-        )
+    tool_exports.check_categories(train, val)
     return train, val, train.classes
 
 
@@ -82,6 +71,13 @@ def get_custom(root, train_transforms, val_transforms, **options):
     return custom.get_custom(root, train_transforms, val_transforms, **options)
 
 
+def get_yolo(root, train_transforms, val_transforms, **options):
+    """YOLO txt labels and a data.yaml, as Ultralytics and Roboflow write them (extras/formats/yolo.py, an extra)."""
+    from extras.formats import yolo
+
+    return yolo.get_yolo(root, train_transforms, val_transforms, **options)
+
+
 def has_masks(dataset):
     """Whether targets carry masks: the dataset says so (COCO json), or its first sample shows it."""
     known = getattr(dataset, "has_masks", None)
@@ -97,6 +93,7 @@ DATASETS = {
     "coco": get_coco,
     "voc": get_voc,
     "custom": get_custom,
+    "yolo": get_yolo,
 }
 
 

@@ -90,7 +90,7 @@ class CocoDetection(torch.utils.data.Dataset):
         annotations = [ann for anns in anns_per_image.values() for ann in anns]
         # objects (not crowd regions) per category id: what extras/tool_exports.py and the no-objects warning read
         self.objects_per_category = Counter(a["category_id"] for a in annotations if not a.get("iscrowd", 0))
-        self._has_masks = any(ann.get("segmentation") for ann in annotations)
+        self.has_masks = any(ann.get("segmentation") for ann in annotations)  # polygons or RLE anywhere in the file
         if masks and not self.has_masks:
             raise SetupError(f"{self.ann_file} has no segmentation: use a box-only model, or masks=False")
         # J keypoints per instance, 0 when the file has none (COCO's person_keypoints files have 17)
@@ -128,11 +128,6 @@ class CocoDetection(torch.utils.data.Dataset):
             keep = [a["category_id"] in self.category_id_to_label for a in record["anns"]]
             record["anns"] = [a for a, k in zip(record["anns"], keep) if k]
             record["boxes"] = record["boxes"][torch.tensor(keep, dtype=torch.bool)]
-
-    @property
-    def has_masks(self):
-        """True if any annotation in the file has a segmentation (polygons or RLE)."""
-        return self._has_masks
 
     def __len__(self):
         return len(self.images)

@@ -20,6 +20,11 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def note_native_bf16():
+    if cpu_has_native_bf16():
+        print("This CPU computes bf16 natively: --amp trains up to ~3x faster, at some cost in AP (README, Speed)")
+
+
 class Float32Anchors(AnchorGenerator):
     """torchvision's AnchorGenerator, making anchors in float32 whatever the feature maps' dtype. Under bf16 autocast
     torchvision's takes the maps' bf16, whose 8-bit mantissa cannot tell x = 1024 from 1028: beyond 1024 px only 41

@@ -10,7 +10,7 @@ import datetime
 import json
 import os
 
-import utils
+import torch
 
 
 def read_log(path):
@@ -78,6 +78,16 @@ def plot_curves(log_files, out_file, names=None):
     return True
 
 
+def peak_memory_mb(device):
+    """Peak memory of this process on `device`, in MiB: CUDA memory allocated on a GPU, resident set size on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
     """output-dir/report.md: the final metrics, per-class AP, curves, a few drawn validation images, timing, args."""
     out = args.output_dir
@@ -98,6 +108,10 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
             lines.append("")
     if "voc_mAP50" in metrics:
         lines += [f"VOC mAP@0.5: {metrics['voc_mAP50'] * 100:.1f}", ""]
+    if "errors" in metrics:  # extras/error_analysis.py: recommended threshold, per-class P/R/F1, confusion, PR curves
+        from extras import error_analysis
+
+        lines += error_analysis.markdown(metrics["errors"], out)
     if plot_curves([log_file], os.path.join(out, "curves.png"), names=[args.model]):
         lines += ["## Curves", "", "![curves](curves.png)", ""]
     drawn = (
@@ -106,7 +120,7 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
     if drawn:
         lines += ["## Validation images (prediction green, ground truth red)", ""]
         lines += [f"![{name}](val_images/{name})" for name in drawn] + [""]
-    memory, on_gpu = utils.peak_memory_mb(args.device), args.device.startswith("cuda")
+    memory, on_gpu = peak_memory_mb(args.device), args.device.startswith("cuda")
     lines += [
         "## Run",
         "",

@@ -3,8 +3,8 @@
     train_set, val_set = skip_bad_images.wrap(train_set, val_set)
 
 The wrapped dataset returns (None, None) for such a sample; engine.py's loops leave those out and count them, and a
-rank whose whole batch was unreadable still joins the step (engine.train_one_epoch). Delete this file and its call in
-train.py and an unreadable image stops the run with its file name, as it does without the flag.
+rank whose whole batch was unreadable still joins the step on `blank_sample` (engine.train_one_epoch). Delete this
+file and its call in train.py and an unreadable image stops the run with its file name, as without the flag.
 """
 
 import torch
@@ -44,3 +44,14 @@ class SkipBadImages(torch.utils.data.Dataset):
 def wrap(*datasets):
     """Each dataset wrapped in SkipBadImages."""
     return tuple(SkipBadImages(dataset) for dataset in datasets)
+
+
+def blank_sample(model):
+    """A 64x64 black image without objects, and its target with every field the model's heads read."""
+    heads = getattr(getattr(model, "module", model), "roi_heads", None)
+    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "image_id": -1}
+    if heads is not None and heads.has_mask():
+        target["masks"] = torch.zeros((0, 64, 64), dtype=torch.uint8)
+    if heads is not None and heads.has_keypoint():
+        target["keypoints"] = torch.zeros((0, heads.keypoint_predictor.kps_score_lowres.out_channels, 3))
+    return [torch.zeros(3, 64, 64)], [target]

@@ -2,8 +2,11 @@
 
 labelme's COCO export lists "_background_" as category 0; Roboflow's lists the dataset's name as category 0, the
 supercategory of every real class, with no objects. Trained as classes, they waste a logit and skew per-class means.
-datasets.get_coco calls `drop_placeholder_categories`; without this file those entries are classes like the others.
+datasets.get_coco calls `check_categories`; without this file those entries are classes like the others, and a class
+with no training object goes unnoticed.
 """
+
+import warnings
 
 BACKGROUND_NAMES = ("_background_", "background", "__background__")  # labelme's COCO export has _background_ as id 0
 
@@ -33,3 +36,16 @@ def drop_placeholder_categories(train, val):
         kept = [c["id"] for c in categories if c["id"] not in placeholders]
         train.keep_categories(kept)
         val.keep_categories(kept)
+
+
+def check_categories(train, val):
+    """Drop the placeholder categories of two CocoDetection sets, and warn of classes no training image shows."""
+    drop_placeholder_categories(train, val)
+    learned = train.category_id_to_label
+    never = [c["name"] for c in train.categories if c["id"] in learned and not train.objects_per_category[c["id"]]]
+    if never:
+        warnings.warn(
+            f"{train.ann_file}: no training objects of {len(never)} categories, which the model can never learn: "
+            f"{', '.join(never)}. Annotate some, or remove them from the categories",
+            stacklevel=3,
+        )
