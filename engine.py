@@ -73,70 +73,89 @@ def nonfinite(loss_value, loss_dict, epoch, step, targets, skipped, max_nonfinit
     print(f"Skipped step {step}: {problem} ({skipped} of {max_nonfinite} allowed)")
 
 
-def step_with_scaler(loss, optimizer, scaler=None):
-    """Backward and optimizer step; with fp16 on CUDA the scaler scales the loss so small gradients do not underflow."""
+def sync_gradients(model, sync):
+    """DDP's no_sync() on the batches that do not step (--accumulate): gradients add up locally, all-reduced once."""
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def optimizer_step(optimizer, scaler=None):
+    """Apply the gradients; with fp16 on CUDA the scaler unscales them and skips a step with inf/NaN in them."""
     if scaler is None:
-        loss.backward()
         optimizer.step()
-        return
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def usable_batch(images, targets, model):
+    """The batch's readable samples (--skip-bad-images marks the others None) -> (images, targets, blank, dropped).
+    images is None when no rank has any: every rank skips the batch. When only this rank has none, it gets a `blank`
+    sample to step on with a zero loss, joining DDP's gradient all-reduce like the others."""
+    images, targets, dropped = readable(images, targets)
+    if not utils.any_rank(images):
+        return None, None, True, dropped
+    if images:
+        return images, targets, False, dropped
+    from extras.skip_bad_images import blank_sample
+
+    return *blank_sample(model), True, dropped
 
 
 def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,
-                    log_file=None, first_step=0, should_stop=None, max_nonfinite=0):  # fmt: skip
+                    log_file=None, first_step=0, should_stop=None, max_nonfinite=0, accumulate=1,
+                    after_step=None):  # fmt: skip
     """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
 
-    Returns the epoch's mean of each loss (and of lr) and "steps": the steps of this epoch done so far. Every
+    Returns the epoch's mean of each loss (and of lr) and "steps": the batches of this epoch done so far. Every
     `print_freq` steps the current values are also appended to the JSON-lines `log_file` (rank 0).
-    first_step: steps of this epoch done before a resume (the loader already skips their batches).
-    should_stop(): checked after every step (a signal arrived); when true the epoch ends early, "steps" says where.
+    first_step: batches of this epoch done before a resume (the loader already skips them).
+    accumulate: batches whose gradients add up to one optimizer step (--accumulate); the warm-up counts those steps.
+    after_step(): called after each optimizer step (--ema's update).
+    should_stop(): checked after every optimizer step (a signal arrived); when true the epoch ends there.
     A non-finite loss raises FloatingPointError naming the batch's image ids and every loss value; with
-    max_nonfinite > 0, that many such steps are skipped (not applied) first, each reported.
+    max_nonfinite > 0, that many such batches are skipped (not applied) first, each reported.
     """
     model.train()
     metric_logger = utils.MetricLogger()
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    total = first_step + len(data_loader)
     # Fresh heads on pretrained features give large early gradients: ramp the lr up over the first epoch.
-    warmup_iters = min(1000, first_step + len(data_loader) - 1) if epoch == 0 else 0
+    warmup_iters = min(1000, math.ceil(total / accumulate) - 1) if epoch == 0 else 0
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     step, skipped, unreadable = first_step, 0, 0
     for images, targets in metric_logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]"):
-        images, targets, bad = readable(images, targets)
-        unreadable += bad
-        if not utils.any_rank(images):  # --skip-bad-images left no image on any rank: all skip the step
-            step += 1
+        images, targets, blank, dropped = usable_batch(images, targets, model)
+        unreadable, step = unreadable + dropped, step + 1
+        stepping = step % accumulate == 0 or step == total  # the last batch of an accumulation window
+        window = min(accumulate, total - (step - 1) // accumulate * accumulate)  # batches in this optimizer step
+        if (step - 1) % accumulate == 0:  # a window starts (one whose last batch was skipped is dropped here)
+            optimizer.zero_grad(set_to_none=True)
+        if images is None:
             continue
-        empty = not images
-        if empty:  # only this rank's batch was unreadable: step on a blank image with a zero loss, joining DDP
-            from extras.skip_bad_images import blank_sample
-
-            images, targets = blank_sample(model)
-        warm_up(optimizer, epoch, step, warmup_iters)
+        warm_up(optimizer, epoch, (step - 1) // accumulate, warmup_iters)
         images = [image.to(device, non_blocking=True) for image in images]
         targets = [without_crowd(to_device(t, device)) for t in targets]
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss_dict = model(images, targets)
-        if empty:
-            loss_dict = {k: v * 0.0 for k, v in loss_dict.items()}
-        loss = sum(loss_dict.values())
-
-        loss_dict_reduced = utils.reduce_dict(loss_dict)  # averaged over ranks: every rank takes the same decision
-        loss_value = sum(loss_dict_reduced.values()).item()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if not math.isfinite(loss_value):
-            skipped += 1
-            nonfinite(loss_value, loss_dict_reduced, epoch, step - 1, targets, skipped, max_nonfinite)
-            continue
-        step_with_scaler(loss, optimizer, scaler)
-        metric_logger.update(loss=loss_value, **loss_dict_reduced)
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        with sync_gradients(model, stepping):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss_dict = model(images, targets)
+            loss_dict = {k: v * 0.0 for k, v in loss_dict.items()} if blank else loss_dict
+            loss_dict_reduced = utils.reduce_dict(loss_dict)  # averaged over ranks: every rank decides alike
+            loss_value = sum(loss_dict_reduced.values()).item()
+            if not math.isfinite(loss_value):
+                skipped += 1
+                nonfinite(loss_value, loss_dict_reduced, epoch, step - 1, targets, skipped, max_nonfinite)
+                continue
+            loss = sum(loss_dict.values()) / window  # the mean over the window's images, as one big batch would
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if stepping:
+            optimizer_step(optimizer, scaler)
+            if after_step is not None:
+                after_step()
+        metric_logger.update(loss=loss_value, **loss_dict_reduced, lr=optimizer.param_groups[0]["lr"])
         if log_file and (step - 1) % print_freq == 0 and utils.is_main_process():
             log_step(log_file, epoch, step - 1, loss_value, loss_dict_reduced, optimizer.param_groups[0]["lr"])
-        if should_stop is not None and should_stop():
+        if stepping and should_stop is not None and should_stop():
             break
     metric_logger.synchronize_between_processes()
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}

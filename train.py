@@ -61,6 +61,9 @@ def get_args_parser(add_help=True):
     data.add_argument("-j", "--workers", default=2, type=int, help="data loading processes (default 2)")
     data.add_argument("--cache-images", action="store_true",
                       help="decode every image once and keep it in memory: small datasets, slow disks (default off)")
+    data.add_argument("--repeat-factor-thr", default=0.0, type=float,
+                      help="draw images of rare classes more often: LVIS's repeat-factor sampling, a class in a share "
+                           "f < T of the images repeated sqrt(T/f) times, e.g. 0.1 (default 0: off)")
     data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
                       help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)")
 
@@ -117,6 +120,12 @@ def get_args_parser(add_help=True):
     optim.add_argument("--lr-gamma", default=0.1, type=float, help="lr factor at each drop (default 0.1)")
     optim.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
                        help="mixed precision (default on for CUDA; on CPU faster but it cost AP: README, Speed)")
+    optim.add_argument("--accumulate", default=1, type=int,
+                       help="batches whose gradients add up to one optimizer step: an effective batch N times "
+                            "larger in the same memory (default 1)")
+    optim.add_argument("--ema", default=0.0, type=float,
+                       help="evaluate and save an exponential moving average of the weights with this decay, e.g. "
+                            "0.9998 (default 0: off)")
     optim.add_argument("--amp-dtype", default=None, choices=("bf16", "fp16"),
                        help="autocast dtype, turns --amp on (default bf16 on CPU, fp16 with loss scaling on CUDA)")
 
@@ -133,6 +142,10 @@ def get_args_parser(add_help=True):
     run.add_argument("--save-interval", default=1, type=int,
                      help="also keep model_{epoch}.pth every N epochs (default 1)")
     run.add_argument("--eval-batch-size", default=1, type=int, help="images per evaluation step (default 1)")
+    run.add_argument("--patience", default=0, type=int,
+                     help="stop when the validation AP has not improved for N evaluations (default 0: never)")
+    run.add_argument("--confusion-thresh", default=0.25, type=float,
+                     help="score above which a detection counts in the confusion matrix (default 0.25)")
     run.add_argument("--eval-interval", default=1, type=int,
                      help="validate every N epochs and after the last (default 1)")
     run.add_argument("--test-only", action="store_true", help="evaluate (the --resume checkpoint) and exit")
@@ -234,10 +247,15 @@ def check_data(args, train_set, class_names, checkpoint, world_size):
         )
 
 
-def get_loaders(args, train_set, val_set, world_size, rank):
+def get_loaders(args, train_set, val_set, class_names, world_size, rank):
     # A DistributedSampler with one replica is a seeded shuffle whose order depends only on (seed, epoch):
     # resuming at epoch k replays exactly the order the uninterrupted run used.
     train_sampler = torch.utils.data.DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
+    if args.repeat_factor_thr > 0:
+        from extras import repeat_factor  # rare classes drawn more often
+
+        factors = dict(threshold=args.repeat_factor_thr, num_replicas=world_size, rank=rank, seed=args.seed)
+        train_sampler = repeat_factor.sampler(train_set, class_names, **factors)
     if args.aspect_ratio_group_factor >= 0:
         groups = aspect_ratio_groups(train_set, args.aspect_ratio_group_factor)
         batches = GroupedBatchSampler(train_sampler, groups, args.batch_size)
@@ -270,6 +288,8 @@ def create_model(args, num_classes, checkpoint, device, local_rank, amp_dtype=No
     with utils.local_main_first(local_rank):
         try:
             if checkpoint is not None:  # the whole model is in it: no download
+                if "model_raw" in checkpoint and not args.test_only:  # --ema saved the average as "model"
+                    checkpoint = {**checkpoint, "model": checkpoint["model_raw"]}
                 sizes = {k: getattr(args, k) for k in ("min_size", "max_size", "box_score_thresh")}
                 model = models.model_from_checkpoint(checkpoint, **{k: v for k, v in sizes.items() if v is not None})
             else:
@@ -342,6 +362,9 @@ def resume_from(checkpoint, args, run):
         if run.scaler is not None and checkpoint.get("scaler"):
             run.scaler.load_state_dict(checkpoint["scaler"])
     best_ap, first_step, rng = checkpoint.get("best_ap", -1.0), checkpoint.get("step") or 0, checkpoint.get("rng")
+    run.best_epoch, run.score_thresh = checkpoint.get("best_epoch"), checkpoint.get("score_thresh")
+    if run.ema is not None and "model_raw" in checkpoint:  # --ema: "model" is the average, resumed as such
+        run.ema.load(checkpoint["model"], checkpoint["ema_updates"])
     start_epoch = checkpoint["epoch"] + (0 if first_step else 1)  # a stopped epoch continues at its next step
     if args.test_only:
         print(f"Testing {args.resume} (epoch {checkpoint['epoch']}{f', step {first_step}' if first_step else ''})")
@@ -359,8 +382,10 @@ def check_args(args):
     """Flag combinations that cannot work, refused before any heavy work."""
     if args.test_only and not args.resume and str(args.weights).lower() in ("none", "default"):
         print("Note: --test-only without --resume evaluates the --weights model as built (its heads are untrained)")
-    if args.batch_size < 1 or args.epochs < 0 or args.eval_interval < 1 or args.save_interval < 1:
-        raise utils.SetupError("--batch-size, --eval-interval and --save-interval must be >= 1, --epochs >= 0")
+    if min(args.batch_size, args.eval_interval, args.save_interval, args.accumulate) < 1 or args.epochs < 0:
+        raise utils.SetupError("--batch-size, --accumulate, --eval-interval, --save-interval: 1 or more; --epochs >= 0")
+    if not 0 <= args.ema < 1:
+        raise utils.SetupError(f"--ema {args.ema}: the decay is below 1, e.g. 0.9998 (0 turns it off)")
     if args.resume and args.resume != "auto" and args.load_from:
         raise utils.SetupError("--resume continues a run, --load-from starts a new one from its weights: pass one")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -378,10 +403,9 @@ def main(args):
     with utils.distributed_run(args.device, args.output_dir) as (device, rank, world_size, local_rank):
         with preemption.StopSignals() as stop:  # SIGTERM / SIGINT / SIGUSR1: save at the next step, then stop
             if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
-                args.lr = 0.005 * world_size * args.batch_size / 2
-                print(
-                    f"lr = 0.005 x {world_size} processes x {args.batch_size} images / 2 = {args.lr:g} (linear scaling)"
-                )
+                args.lr = 0.005 * world_size * args.batch_size * args.accumulate / 2
+                print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images x {args.accumulate} "
+                      f"accumulated / 2 = {args.lr:g} (linear scaling)")  # fmt: skip
             print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} " + " ".join(sys.argv))
             print(json.dumps(vars(args), sort_keys=True))
             utils.seed_everything(args.seed + rank)
@@ -389,7 +413,8 @@ def main(args):
             print("Loading data")
             checkpoint = get_checkpoint(args)  # --resume (auto: the output dir's latest, if any)
             train_set, val_set, class_names = load_data(args, local_rank, checkpoint, world_size)
-            train_loader, val_loader, train_sampler = get_loaders(args, train_set, val_set, world_size, rank)
+            loaders = get_loaders(args, train_set, val_set, class_names, world_size, rank)
+            train_loader, val_loader, train_sampler = loaders
 
             print("Creating model")
             amp_dtype = get_amp_dtype(args, device)
@@ -410,10 +435,15 @@ def main(args):
                 args=args, device=device, rank=rank, world_size=world_size, stop=stop, class_names=class_names,
                 train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader, val_set=val_set,
                 model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                amp_dtype=amp_dtype, scaler=scaler,
+                amp_dtype=amp_dtype, scaler=scaler, ema=None,
             )  # fmt: skip
+            if args.ema:
+                from extras import ema  # a moving average of the weights, evaluated and saved
+
+                run.ema = ema.ModelEMA(model_without_ddp, args.ema)
 
             run.start_epoch, run.first_step, run.best_ap, run.rng = 0, 0, -1.0, None
+            run.best_epoch, run.score_thresh, run.stopped = None, None, None
             if checkpoint is not None:
                 run.start_epoch, run.first_step, run.best_ap, run.rng = resume_from(checkpoint, args, run)
 
@@ -435,13 +465,22 @@ def get_checkpoint(args):
 
 def checkpoint_state(run, epoch, step=None):
     """A checkpoint: plain values only, so it loads with weights_only=True; `step` of a stopped epoch."""
-    return {
-        "model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
+    state = {
+        "model": evaluated_model(run).state_dict(), "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(), "scaler": run.scaler and run.scaler.state_dict(),
         "epoch": epoch, "step": step, "rng": preemption.rng_state() if step else None,  # continues a stopped epoch
         "best_ap": run.best_ap, "class_names": list(run.class_names), "args": vars(run.args),
         "model_args": run.model_without_ddp.model_args,  # what models.model_from_checkpoint rebuilds it from
+        "best_epoch": run.best_epoch, "score_thresh": run.score_thresh,  # predict.py's default --score-thresh
     }  # fmt: skip
+    if run.ema is not None:  # "model" holds the average: what --test-only, predict.py and export use
+        state.update(model_raw=run.model_without_ddp.state_dict(), ema_updates=run.ema.updates)
+    return state
+
+
+def evaluated_model(run, ddp=False):
+    """What is evaluated and saved: the --ema average, else the model (wrapped in DDP with `ddp`)."""
+    return run.ema.module if run.ema is not None else run.model if ddp else run.model_without_ddp
 
 
 def train_epochs(run):
@@ -452,7 +491,7 @@ def train_epochs(run):
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     print("Start training")
-    start_time, train_seconds, metrics, first_step = time.time(), 0.0, {}, run.first_step
+    start_time, train_seconds, metrics, first_step, images = time.time(), 0.0, {}, run.first_step, 0
     for epoch in range(run.start_epoch, args.epochs):
         run.train_sampler.set_epoch(epoch)
         loader.generator.manual_seed(args.seed + 1000 * epoch + rank)
@@ -464,8 +503,11 @@ def train_epochs(run):
             utils.seed_everything(args.seed + 1000 * epoch + rank)
         steps_in_epoch, epoch_start = first_step + len(loader), time.time()
         loop = dict(log_file=log_file, first_step=first_step, should_stop=run.stop, max_nonfinite=args.skip_nonfinite)
+        update_ema = (lambda: run.ema.update(run.model_without_ddp)) if run.ema is not None else None
+        loop.update(accumulate=args.accumulate, after_step=update_ema)
         train_stats = train_one_epoch(run.model, run.optimizer, loader, run.device, epoch, args.print_freq,
                                       run.scaler, run.amp_dtype, **loop)  # fmt: skip
+        images += (train_stats["steps"] - first_step) * args.batch_size * run.world_size
         first_step, train_seconds = 0, train_seconds + time.time() - epoch_start
         if train_stats["steps"] < steps_in_epoch:  # a signal arrived: save where we are and leave
             utils.save_checkpoint(checkpoint_state(run, epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth")
@@ -484,14 +526,18 @@ def train_epochs(run):
         if epoch + 1 < args.epochs and run.stop():  # the signal came with the epoch's last step
             print(f"Stopped after epoch {epoch}: {args.output_dir}/checkpoint.pth saved; continue with --resume auto")
             return metrics
+        if args.patience and epoch + 1 < args.epochs:
+            from extras import early_stop  # --patience: stop when the validation AP no longer improves
+
+            if early_stop.should_stop(run, epoch):
+                break
 
     total = time.time() - start_time
     print(f"Training time {datetime.timedelta(seconds=int(total))}")
     if rank == 0 and args.epochs > run.start_epoch:
         from extras import report  # report.md: metrics, curves, drawn validation images, throughput
 
-        images = (args.epochs - run.start_epoch) * len(loader) * args.batch_size * run.world_size
-        report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total)
+        report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total, run.stopped)
     return metrics
 
 
@@ -506,10 +552,15 @@ def end_of_epoch(run, epoch):
         if args.val_loss:
             from extras import val_loss as validation  # the training losses on the validation set
 
-            val_loss = validation.validation_loss(run.model_without_ddp, run.val_loader, run.device, run.amp_dtype)
+            val_loss = validation.validation_loss(evaluated_model(run), run.val_loader, run.device, run.amp_dtype)
             print("Validation loss: " + "  ".join(f"{k}: {v:.4f}" for k, v in val_loss.items()))
     ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))
     is_best, run.best_ap = ap > run.best_ap, max(run.best_ap, ap)
+    run.best_epoch = epoch if is_best else run.best_epoch
+    if metrics:
+        from extras import error_analysis
+
+        run.score_thresh = error_analysis.recommended_threshold(metrics)
     state = checkpoint_state(run, epoch)
     names = ["checkpoint.pth"] + [f"model_{epoch}.pth"] * ((epoch + 1) % args.save_interval == 0)
     for name in names + ["best.pth"] * is_best:
@@ -520,12 +571,15 @@ def end_of_epoch(run, epoch):
 def run_evaluation(run, final, show_dir=None):
     """The --eval metrics; on the `final` evaluation the --tta ones too, under "tta", with the AP they change, and the
     detections written to --out."""
-    args, model, val_loader, device, metrics = run.args, run.model, run.val_loader, run.device, {}
-    options = dict(class_names=run.class_names, amp_dtype=run.amp_dtype)
+    args, model, val_loader, device, metrics = run.args, evaluated_model(run, ddp=True), run.val_loader, run.device, {}
+    from extras import error_analysis  # confusion matrix, per-class precision / recall, a recommended --score-thresh
+
+    scorers = [error_analysis.scorer(args.confusion_thresh)]
     if args.dataset == "voc":
         from extras import voc_eval  # VOC's mAP@0.5 next to COCO's AP
 
-        options["scorers"] = [voc_eval.score]
+        scorers.append(voc_eval.score)
+    options = dict(class_names=run.class_names, amp_dtype=run.amp_dtype, scorers=scorers)
     if "bbox" in args.eval:
         on_image = None
         if show_dir:
@@ -541,7 +595,7 @@ def run_evaluation(run, final, show_dir=None):
         from extras import tta  # test-time augmentation
 
         views = dict(hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
-        tta.evaluate_with_tta(run.model_without_ddp, val_loader, device, metrics, **views, **options)
+        tta.evaluate_with_tta(evaluated_model(run), val_loader, device, metrics, **views, **options)
     if final and args.out:
         from extras import results_json  # the detections as a COCO results json
 

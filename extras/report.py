@@ -88,10 +88,13 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def write_report(args, metrics, log_file, train_images_per_s, total_seconds):
-    """output-dir/report.md: the final metrics, per-class AP, curves, a few drawn validation images, timing, args."""
+def write_report(args, metrics, log_file, train_images_per_s, total_seconds, stopped=None):
+    """output-dir/report.md: the final metrics, per-class AP, curves, a few drawn validation images, timing, args;
+    `stopped` says why training ended before --epochs (--patience)."""
     out = args.output_dir
     lines = [f"# {args.model} on {args.dataset}", ""]
+    if stopped:
+        lines += [f"Training {stopped}. The metrics below are the last evaluation's; best.pth holds the best.", ""]
     for iou_type in ("bbox", "segm", "keypoints"):
         if iou_type in metrics:
             lines += [f"## {iou_type} (COCO)", "", "| " + " | ".join(metrics[iou_type]) + " |"]
