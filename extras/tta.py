@@ -81,22 +81,7 @@ class TTA(torch.nn.Module):
 
     def _merge(self, views):
         """One image's detections from every view -> one set: per-class NMS or box voting, masks averaged."""
-        merged = {key: torch.cat([view[key] for view in views]) for key in views[0]}  # M detections
-        boxes, scores, labels = merged["boxes"].float(), merged["scores"].float(), merged["labels"]
-        keep = torchvision.ops.batched_nms(boxes, scores, labels, self.iou_thresh)[: self.detections_per_img]
-        # members[k, m]: detection m is of kept detection k's class and overlaps it, so it votes for k's box / mask
-        members = (torchvision.ops.box_iou(boxes[keep], boxes) >= self.iou_thresh) & (labels[keep, None] == labels)
-        members[torch.arange(len(keep)), keep] = True  # a zero-area box has IoU nan with itself
-        output = {key: value[keep] for key, value in merged.items() if key != "masks"}
-        output["boxes"], output["scores"] = boxes[keep], scores[keep]
-        if self.merge == "vote":
-            weights = members * scores  # [K, M]
-            output["boxes"] = weights @ boxes / weights.sum(1, keepdim=True)
-        if "masks" in merged:
-            masks = merged["masks"].float()  # [M, 1, H, W] probabilities
-            mean = members.float() @ masks.flatten(1) / members.sum(1, keepdim=True)
-            output["masks"] = mean.view(len(keep), *masks.shape[1:])
-        return output
+        return merge_detections(views, self.merge, self.iou_thresh, self.detections_per_img)
 
     @torch.no_grad()
     def forward(self, images):
@@ -106,6 +91,31 @@ class TTA(torch.nn.Module):
         flips = (False, True) if self.hflip else (False,)
         views = [self._view(images, scale, flip) for scale in self.scales for flip in flips]  # [view][image]
         return [self._merge([view[i] for view in views]) for i in range(len(images))]
+
+
+def merge_detections(views, merge="nms", iou_thresh=0.5, detections_per_img=100):
+    """One image's detections from several views (dicts of boxes [M_i, 4] in the image's pixels, labels, scores, ...)
+    -> one dict: per-class NMS ("nms") or score-weighted box voting ("vote"), at most `detections_per_img`, best first.
+
+    Every other key follows its kept detection, except masks [M_i, 1, H, W]: a kept mask is the mean of the masks of
+    the detections that vote for it. extras/tiling.py merges its tiles' detections here too.
+    """
+    merged = {key: torch.cat([view[key] for view in views]) for key in views[0]}  # M detections
+    boxes, scores, labels = merged["boxes"].float(), merged["scores"].float(), merged["labels"]
+    keep = torchvision.ops.batched_nms(boxes, scores, labels, iou_thresh)[:detections_per_img]
+    # members[k, m]: detection m is of kept detection k's class and overlaps it, so it votes for k's box / mask
+    members = (torchvision.ops.box_iou(boxes[keep], boxes) >= iou_thresh) & (labels[keep, None] == labels)
+    members[torch.arange(len(keep)), keep] = True  # a zero-area box has IoU nan with itself
+    output = {key: value[keep] for key, value in merged.items() if key != "masks"}
+    output["boxes"], output["scores"] = boxes[keep], scores[keep]
+    if merge == "vote":
+        weights = members * scores  # [K, M]
+        output["boxes"] = weights @ boxes / weights.sum(1, keepdim=True)
+    if "masks" in merged:
+        masks = merged["masks"].float()  # [M, 1, H, W] probabilities
+        mean = members.float() @ masks.flatten(1) / members.sum(1, keepdim=True)
+        output["masks"] = mean.view(len(keep), *masks.shape[1:])
+    return output
 
 
 def evaluate_with_tta(model, data_loader, device, metrics, hflip=True, scales=None, merge="nms", **eval_options):

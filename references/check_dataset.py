@@ -4,11 +4,14 @@
     python references/check_dataset.py --dataset coco --data-path ../shared/data/tiny_coco --fix fixed/
     python references/check_dataset.py --dataset custom --ann-file train.json --img-prefix IMAGES --classes a,b
     python references/check_dataset.py --dataset pennfudan --data-path ../shared/data/PennFudanPed
+    python references/check_dataset.py --dataset yolo --data-path DIR  (DIR/data.yaml, or the yaml itself)
 
 Takes train.py's data flags, so a training command line works as it is. It reads the raw annotations of both splits
 (the dataset classes drop zero-size boxes and clip the others, which would hide them): voc every xml in Annotations/
 and the --train-split/--val-split files, coco --train-ann and --val-ann, custom --ann-file and --val-ann, pennfudan
-the masks. Every image is decoded, on --workers processes: a truncated file opens, and fails only mid-epoch.
+the masks, yolo the label txt of every image of data.yaml's splits (malformed rows with file:line, images without a
+txt as negatives, txt files without an image; --fix does not rewrite them). Every image is decoded, on --workers
+processes: a truncated file opens, and fails only mid-epoch.
 
 Prints each kind of problem with a count and the first files, a summary table and the objects per class. Exit code 0:
 no errors (warnings: images without objects, boxes that look drawn twice); 1: errors; 2: the check could not run
@@ -41,6 +44,7 @@ from convert_dataset import coordinate, parallel_map  # noqa: E402  (this script
 from datasets.coco import REQUIRED_FIELDS  # noqa: E402
 from datasets.common import load_json, read_classes  # noqa: E402
 from datasets.images import SWAPS_SIDES, orientation  # noqa: E402
+from extras.formats import yolo  # noqa: E402
 from extras.formats.custom import boxes_and_labels, load_middle_format  # noqa: E402
 from extras.formats.voc import (  # noqa: E402
     BOX_TAGS,
@@ -65,7 +69,9 @@ KINDS = {
     "dup_id": ("error", "duplicate image ids", "predictions are matched to image ids: one id twice is ambiguous", None),
     "dup_file": ("error", "duplicate images", "one image listed twice, or in both train and val", None),
     "escape": ("error", "escaping paths", "absolute or with '..': outside the image folder", None),
+    "malformed": ("error", "malformed label rows", "YOLO rows training cannot read: dropped (--strict: refused)", None),
     "empty": ("warning", "images without objects", "negatives; fine in moderation", None),
+    "orphan": ("warning", "labels without images", "YOLO txt files no image has: renamed or deleted images?", None),
     "twice": ("warning", "boxes drawn twice?", "one class, a large overlap: one object labelled twice?", None),
 }
 TWICE_IOU = 0.8  # BCCD's double-drawn cells overlap at 0.83-0.93; two distinct objects of one class rarely reach 0.8
@@ -217,6 +223,36 @@ def read_custom(ann_file, img_prefix, classes, problems):
     return records, entries
 
 
+def read_yolo(root, problems):
+    """Every split of data.yaml. Boxes stay fractions 0-1 (record["normalized"]) until check() has the image sizes."""
+    yaml_path, classes, splits = yolo.read_data_yaml(root)
+
+    def short(path):  # the names shown in the report: relative to the yaml's folder
+        return os.path.relpath(path, yaml_path.parent)
+
+    records, labelled = [], set()
+    for sources in splits.values():
+        for image in yolo.list_images(sources):
+            label = yolo.label_path(image)
+            labelled.add(label)
+            bad_rows = []
+            rows = yolo.read_labels(label, len(classes), bad_rows)
+            problems["malformed"] += [row.replace(str(label), short(label), 1) for row in bad_rows]
+            objects = []
+            for cls, values, line in rows:
+                box = yolo.row_box(values)
+                written = values if len(values) == 4 else box  # a polygon is shown by its bounds
+                objects.append(obj(classes[cls], f"line {line} class {cls}", box, box[2] > box[0] and box[3] > box[1],
+                                   0, written))  # fmt: skip
+            name = short(label) if label.is_file() else f"{short(image)} (no label file)"
+            records.append({"name": name, "image": image, "size": None, "objects": objects, "normalized": True})
+        for source in (s for s in sources if s.is_dir()):  # txt files beside the images' labels that no image has
+            for label in sorted(yolo.label_path(source / "x.jpg").parent.rglob("*.txt")):
+                if label not in labelled and label.name != "classes.txt":  # (labelImg writes classes.txt there)
+                    problems["orphan"].append(short(label))
+    return records, classes
+
+
 def read_dataset(args, problems):
     """-> (records, class names, [(annotation file, its parsed content)] for --fix) of both splits."""
     root = Path(args.data_path or os.path.join("data", "PennFudanPed"))
@@ -227,6 +263,8 @@ def read_dataset(args, problems):
     if args.dataset == "voc":
         classes = read_classes(args.classes) if args.classes else list(VOC_CLASSES)
         return read_voc(root, classes, (args.train_split, args.val_split), problems), classes, []
+    if args.dataset == "yolo":
+        return *read_yolo(root, problems), []
     if args.dataset == "coco":  # annotation file -> its image folder, defaults as in datasets.get_coco
         train_ann = Path(args.train_ann or root / "annotations" / "instances_train2017.json")
         val_ann = Path(args.val_ann or root / "annotations" / "instances_val2017.json")
@@ -237,7 +275,7 @@ def read_dataset(args, problems):
         classes = read_classes(args.classes)
         folders = dict.fromkeys([Path(f) for f in (args.train_ann, args.val_ann) if f], root)
     else:
-        raise SetupError(f"--dataset {args.dataset}: the checker reads pennfudan, voc, coco and custom")
+        raise SetupError(f"--dataset {args.dataset}: the checker reads pennfudan, voc, coco, custom and yolo")
     records, raw = [], []
     for ann_file, folder in folders.items():
         folder = root / folder  # an absolute folder stays as it is
@@ -281,6 +319,9 @@ def check(records, results, problems):
         images[r["image"].resolve()].append(r["name"])
         size, error, _ = results[r["image"], False]
         r["drop"] = error is not None
+        if r.get("normalized") and size:  # YOLO: fractions of the image; 1e-6 px rounds off the float noise
+            for o in r["objects"]:
+                o["box"] = [round(v * side, 6) for v, side in zip(o["box"], size * 2)]
         if "mask" in r:  # Penn-Fudan: the objects are the mask's instance ids
             mask_size, mask_error, boxes = results[r["mask"], True]
             r["objects"] = [obj("person", "person", box, True, 0, box) for box in boxes]
@@ -426,6 +467,8 @@ def main(args):
         raise SetupError("--workers must be >= 1")
     if args.fix and args.dataset == "pennfudan":
         raise SetupError("--fix: Penn-Fudan's annotations are its masks; fix them in an image editor")
+    if args.fix and args.dataset == "yolo":
+        raise SetupError("--fix does not rewrite YOLO labels: fix the rows the report lists (file:line) by hand")
     problems = defaultdict(list)
     records, classes, raw = read_dataset(args, problems)
     targets = fix_targets(args, raw) if args.fix else {}

@@ -8,6 +8,10 @@
         --to coco --out coco.json
     python references/convert_dataset.py --from coco --ann-file instances.json --img-prefix IMAGES \
         --to voc --out DIR [--split train]
+    python references/convert_dataset.py --from coco --ann-file instances.json --img-prefix IMAGES \
+        --to coco --out tiles/train.json --tile 800 [--tile-overlap 0.2 --min-visible 0.3 --max-empty-share 0.2]
+    python references/convert_dataset.py --from voc --data-path ROOT --split val --to yolo --out DIR
+    python references/convert_dataset.py --from yolo --data-path DIR [--split val] --to voc --out VOC_DIR
 
 Only annotations are read (sizes from the annotation, or from an image header when a VOC xml has none) and written:
 images are never decoded, copied or moved. File names in the output are relative to the same image folder as the
@@ -24,12 +28,26 @@ Boxes the dataset classes would drop (zero width or height, wholly outside the i
 the border clipped, with the same warning as the dataset classes give, so the output holds what training would see.
 The output is then loaded back with the project's dataset class, and its image and box counts checked against the
 input's. Exit code 2 with one "error: ..." line on a bad flag, an unreadable input or a count mismatch.
+
+--tile SIZE cuts a COCO dataset's images into overlapping tiles for training a detector for small objects in large
+images (extras/tiling.py; the only mode that decodes and writes images): tiles/train.json gets the annotations, the
+folder tiles/train/ the tile images (<stem>_<x0>_<y0>.<ext>). Boxes are clipped to each tile, and a remnant keeping
+under --min-visible of its box's area is dropped; segmentations are cut to the tile too (written as RLE).
+
+YOLO (extras/formats/yolo.py) keeps its labels in DIR/labels/ beside DIR/images/, so --to yolo links each image (a
+copy where links fail) into DIR/images/SPLIT/ and writes DIR/labels/SPLIT/*.txt and a DIR/data.yaml naming every
+split written so far: run it once per split (--split train, val or test; default train). Coordinates get 10
+decimals, so a box comes back within 1e-6 px on images up to 10000 px. YOLO cannot mark an ignored region: ignored
+boxes (VOC difficult, COCO iscrowd, bboxes_ignore) are dropped and counted in the output, as Ultralytics' own VOC
+conversion drops difficult objects. --from yolo reads data.yaml's --split (default train) with the image sizes from
+the headers; a polygon row becomes its bounding box.
 """
 
 import argparse
 import json
 import os
 import pickle
+import shutil
 import sys
 import warnings
 import xml.etree.ElementTree as ET
@@ -45,6 +63,7 @@ from datasets import coco  # noqa: E402
 from datasets.coco import CocoDetection  # noqa: E402
 from datasets.common import BoxChecker, read_classes  # noqa: E402
 from datasets.images import image_size  # noqa: E402
+from extras.formats import yolo  # noqa: E402
 from extras.formats.custom import CustomDataset, boxes_and_labels, load_middle_format  # noqa: E402
 from extras.formats.voc import (  # noqa: E402
     BOX_TAGS,
@@ -56,8 +75,10 @@ from extras.formats.voc import (  # noqa: E402
 )
 from utils import SetupError, cli  # noqa: E402
 
-FORMATS = ("voc", "coco", "custom")
+FORMATS = ("voc", "coco", "custom", "yolo")
 DEFAULT_VOC_SPLIT = "trainval"  # the split file --to voc writes when --split is not given
+YOLO_SPLITS = ("train", "val", "test")  # the keys of data.yaml; --from yolo and --to yolo default to train
+YOLO_DIGITS = 10  # decimals of a YOLO coordinate: 0.5e-10 of a 10000 px side is 0.5e-6 px
 
 # Records, the common form every reader returns and every writer takes, one dict per image:
 #   {"file_name": path relative to the image folder, "width": int, "height": int,
@@ -74,8 +95,9 @@ def get_args_parser():
         "--img-prefix",
         default=None,
         type=str,
-        help="voc: the root holding Annotations/ and JPEGImages/ (required); coco, custom: the folder image file "
-        "names are relative to, needed to load the output back (default: the folder of --ann-file)",
+        help="voc: the root holding Annotations/ and JPEGImages/ (required); yolo: data.yaml or its folder "
+        "(required); coco, custom: the folder image file names are relative to, needed to load the output back "
+        "(default: the folder of --ann-file)",
     )
     source.add_argument("--ann-file", default=None, type=str, help="coco json, or custom .json/.pkl (required there)")
     source.add_argument(
@@ -83,19 +105,20 @@ def get_args_parser():
         default=None,
         type=str,
         help="voc input: read ImageSets/Main/SPLIT.txt (default: every xml in Annotations/); "
-        f"voc output: the split file to write (default {DEFAULT_VOC_SPLIT})",
+        f"voc output: the split file to write (default {DEFAULT_VOC_SPLIT}); yolo input and output: train, val "
+        "or test (default train)",
     )
     source.add_argument(
         "--classes",
         default=None,
         type=str,
         help="class names, a,b,c or a classes.txt: required for custom input; voc input: default the names found, "
-        "sorted; coco input: from its categories",
+        "sorted; coco input: from its categories; yolo input: from data.yaml",
     )
     target = parser.add_argument_group("output")
     target.add_argument("--to", dest="to_format", default=None, choices=FORMATS, help="output format (required)")
     target.add_argument(
-        "--out", default=None, type=str, help="coco: FILE.json; custom: FILE.json or FILE.pkl; voc: DIR (required)"
+        "--out", default=None, type=str, help="coco: FILE.json; custom: FILE.json or .pkl; voc, yolo: DIR (required)"
     )
     target.add_argument(
         "--workers",
@@ -103,6 +126,26 @@ def get_args_parser():
         type=int,
         help=f"processes reading and writing VOC xml files (default os.cpu_count(), here {os.cpu_count()})",
     )
+    tiles = parser.add_argument_group("tiles (--from coco --to coco)")
+    tiles.add_argument(
+        "--tile", default=0, type=int, help="cut images into tiles of this many px square (default 0: off)"
+    )
+    tiles.add_argument(
+        "--tile-overlap", default=0.2, type=float, help="share of a tile its neighbours also hold (default 0.2)"
+    )
+    tiles.add_argument(
+        "--min-visible",
+        default=0.3,
+        type=float,
+        help="drop a box's remnant on a tile keeping under this share of the box's area (default 0.3)",
+    )
+    tiles.add_argument(
+        "--max-empty-share",
+        default=0.2,
+        type=float,
+        help="at most this share of the tiles written hold no object; the others are dropped at random (default 0.2)",
+    )
+    tiles.add_argument("--seed", default=0, type=int, help="seed choosing the empty tiles kept (default 0)")
     return parser
 
 
@@ -110,21 +153,32 @@ def check_args(args):
     """Every flag problem before any file is read."""
     if args.from_format is None or args.to_format is None or args.out is None:
         raise SetupError(f"pass --from and --to (one of {', '.join(FORMATS)}) and --out")
-    if args.from_format == args.to_format:
+    if args.tile:
+        if args.from_format != "coco" or args.to_format != "coco":
+            raise SetupError("--tile cuts a COCO dataset into COCO tiles: pass --from coco --to coco")
+        if args.tile < 32 or not 0 <= args.tile_overlap < 1:
+            raise SetupError("--tile is a size in pixels (>= 32) and --tile-overlap a fraction, 0 <= R < 1")
+        if not 0 <= args.min_visible <= 1 or not 0 <= args.max_empty_share <= 1:
+            raise SetupError("--min-visible and --max-empty-share are fractions, between 0 and 1")
+    elif args.from_format == args.to_format:
         raise SetupError(f"--from and --to are both {args.from_format}: nothing to convert")
     if args.from_format == "voc" and not args.data_path:
         raise SetupError("--from voc needs --data-path ROOT (the folder holding Annotations/ and JPEGImages/)")
-    if args.from_format != "voc" and not args.ann_file:
+    if args.from_format == "yolo" and (not args.data_path or args.classes):
+        raise SetupError("--from yolo needs --data-path (data.yaml or its folder), which names the classes")
+    if "yolo" in (args.from_format, args.to_format) and args.split not in (None, *YOLO_SPLITS):
+        raise SetupError(f"--split {args.split}: a YOLO data.yaml has the splits {', '.join(YOLO_SPLITS)}")
+    if args.from_format not in ("voc", "yolo") and not args.ann_file:
         raise SetupError(f"--from {args.from_format} needs --ann-file FILE")
     if args.from_format == "custom" and not args.classes:
         raise SetupError("--from custom needs --classes a,b,c (or classes.txt): the file stores only label indices")
     if args.from_format == "coco" and args.classes:
         raise SetupError("--from coco takes the class names from the file's categories; drop --classes")
-    suffixes = {"coco": (".json",), "custom": (".json", ".pkl"), "voc": None}[args.to_format]
+    suffixes = {"coco": (".json",), "custom": (".json", ".pkl"), "voc": None, "yolo": None}[args.to_format]
     if suffixes and Path(args.out).suffix not in suffixes:
         raise SetupError(f"--to {args.to_format} writes a {' or '.join(suffixes)} file; got --out {args.out}")
-    if args.to_format == "voc" and Path(args.out).is_file():
-        raise SetupError(f"--to voc writes a folder, and {args.out} is a file")
+    if args.to_format in ("voc", "yolo") and Path(args.out).is_file():
+        raise SetupError(f"--to {args.to_format} writes a folder, and {args.out} is a file")
     if args.workers < 1:
         raise SetupError("--workers must be >= 1")
 
@@ -268,6 +322,40 @@ def read_custom(ann_file, classes):
             }
         )
     return records, classes
+
+
+def read_yolo(data_path, split, workers):
+    """-> (records, class names, image folder) of data.yaml's split; sizes from the image headers, polygon rows as
+    their bounds, malformed rows dropped with the dataset class's warning."""
+    yaml_path, classes, splits = yolo.read_data_yaml(data_path)
+    if not splits[split]:
+        there = " or ".join(s for s in splits if splits[s])
+        raise SetupError(f"{yaml_path} has no {split} split; pass --split {there}")
+    paths = yolo.list_images(splits[split])
+    if not paths:
+        raise SetupError(f"{yaml_path}: no images in the {split} split ({', '.join(map(str, splits[split]))})")
+    folder = Path(os.path.commonpath([p.parent for p in paths]))  # file names are relative to it
+    sizes = parallel_map(image_size, paths, workers, "image headers read")  # (height, width), upright
+    bad_rows, records, polygons = [], [], 0
+    for path, (height, width) in zip(paths, sizes):
+        rows = yolo.read_labels(yolo.label_path(path), len(classes), bad_rows)
+        polygons += sum(len(values) > 4 for _, values, _ in rows)
+        boxes = [yolo.pixel_box(values, width, height) for _, values, _ in rows]  # whole pixels come back whole
+        records.append(
+            {
+                "file_name": path.relative_to(folder).as_posix(),
+                "width": width,
+                "height": height,
+                "boxes": boxes,
+                "labels": [cls for cls, _, _ in rows],
+                "ignore": [0] * len(rows),
+                "valid": [x2 > x1 and y2 > y1 for x1, y1, x2, y2 in boxes],
+            }
+        )
+    yolo.report_bad_rows(bad_rows, yaml_path, strict=False)
+    if polygons:
+        print(f"note: {polygons} polygon rows are converted to their bounding boxes (segmentation is not converted)")
+    return records, classes, folder
 
 
 def drop_and_clip(records, source):
@@ -414,6 +502,47 @@ def write_voc(records, classes, out, split, images, workers):
             raise SetupError(f"could not link {link} to {images} ({e}); copy the images there and rerun") from None
 
 
+def write_yolo(records, classes, out, split, images):
+    """DIR/images/SPLIT/<file> (links), DIR/labels/SPLIT/<file>.txt, DIR/data.yaml; -> how many images were copied.
+
+    Ignored boxes must be gone already (main drops them): a YOLO row cannot say "ignore"."""
+    out = Path(out)
+    image_dir, label_dir = out / "images" / split, out / "labels" / split
+    if image_dir.exists() or label_dir.exists():  # old files would stay beside the new ones
+        raise SetupError(f"{image_dir} or {label_dir} exists already; remove it, or pass another --out")
+    names = [Path(record["file_name"]) for record in records]
+    stems = [name.with_suffix("").as_posix() for name in names]
+    if any(name.is_absolute() or ".." in name.parts for name in names) or len(set(stems)) != len(stems):
+        raise SetupError("YOLO needs relative image paths without '..', and one label file per name (a.jpg and a.png)")
+    unlisted = [n for n in names if n.suffix.lower() not in yolo.IMAGE_SUFFIXES]
+    if unlisted:
+        raise SetupError(f"{len(unlisted)} images have a suffix YOLO does not list as an image (first: {unlisted[0]})")
+    if (out / "data.yaml").is_file():  # a split written before: the classes must be the same
+        written = yolo.read_names(yolo.load_yaml(out / "data.yaml"), out / "data.yaml")
+        if written != list(classes):
+            raise SetupError(f"{out / 'data.yaml'} names the classes {written}, this split {list(classes)}")
+    copied = 0
+    for name, record in zip(names, records):
+        (image_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        try:  # a link: no disk cost, and the images stay where they are
+            (image_dir / name).symlink_to((Path(images) / name).resolve())
+        except OSError:  # (Windows without developer mode, some network drives)
+            shutil.copy2(Path(images) / name, image_dir / name)
+            copied += 1
+        width, height = record["width"], record["height"]
+        rows = []
+        for (x1, y1, x2, y2), label in zip(record["boxes"], record["labels"]):
+            values = ((x1 + x2) / (2 * width), (y1 + y2) / (2 * height), (x2 - x1) / width, (y2 - y1) / height)
+            rows.append(f"{label} " + " ".join(f"{v:.{YOLO_DIGITS}f}" for v in values) + "\n")
+        (label_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (label_dir / name).with_suffix(".txt").write_text("".join(rows))  # empty: a negative
+    splits = [s for s in YOLO_SPLITS if (out / "images" / s).is_dir()]
+    lines = ["# references/convert_dataset.py; the splits are relative to this file's folder"]
+    lines += [f"{s}: images/{s}" for s in splits] + [f"nc: {len(classes)}", f"names: {json.dumps(list(classes))}"]
+    (out / "data.yaml").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")  # JSON is valid YAML
+    return copied
+
+
 # ------------------------------------------------------------------------------------------------ checks
 def count_boxes(records, num_classes):
     """int64 [K, 2]: per class, the boxes (ignored ones included) and the ignored boxes among them."""
@@ -438,9 +567,18 @@ def load_back(to_format, out, classes, images, split):
                 for record in ds.images
             ]
         else:
-            ds = CustomDataset(out, images, classes) if to_format == "custom" else VOCDetection(out, split, classes)
+            if to_format == "yolo":
+                ds = yolo.YOLODataset(yolo.list_images([Path(out) / "images" / split]), classes)
+            else:
+                ds = CustomDataset(out, images, classes) if to_format == "custom" else VOCDetection(out, split, classes)
             found = [{"labels": (i["labels"] - 1).tolist(), "ignore": i["iscrowd"].tolist()} for i in ds.items]
     return ds, count_boxes(found, len(classes))
+
+
+def drop_ignored(record):
+    """The record without its ignored boxes."""
+    keep = [not ignore for ignore in record["ignore"]]
+    return record | {key: [v for v, k in zip(record[key], keep) if k] for key in ("boxes", "labels", "ignore")}
 
 
 def print_summary(records, classes, counts):
@@ -451,11 +589,41 @@ def print_summary(records, classes, counts):
         print(f"  {name:<{width}} {boxes:>7} {ignored:>7}")
 
 
+def tile_dataset(args):
+    """--tile: a COCO dataset cut into training tiles (extras/tiling.py), loaded back with CocoDetection."""
+    from extras import tiling  # tiles of large images
+
+    images, out = Path(args.data_path or Path(args.ann_file).parent), Path(args.out)
+    folder = out.with_suffix("")
+    if folder.resolve() == images.resolve():
+        raise SetupError(f"the tiles would go into the image folder {images}; pass another --out")
+    counts = tiling.cut_coco(
+        args.ann_file, images, out, args.tile, args.tile_overlap, args.min_visible, args.max_empty_share, args.seed
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (tiles without objects are meant)
+        ds = CocoDetection(folder, out)
+    if len(ds) != counts["tiles"] or sum(len(r["anns"]) for r in ds.images) != counts["annotations"]:
+        raise SetupError(f"wrote {out}, but it loads back as {len(ds)} tiles; expected {counts['tiles']}")
+    print(
+        f"wrote {counts['tiles']} tiles of {args.tile} px ({counts['empty_tiles']} without objects; "
+        f"{counts['empty_dropped']} more dropped by --max-empty-share {args.max_empty_share}) and "
+        f"{counts['annotations']} annotations to {out}; {counts['remnants']} box remnants under --min-visible "
+        f"{args.min_visible} dropped\nimages: {folder} (train.py --train-images)"
+    )
+    return counts
+
+
 def main(args):
     check_args(args)
+    if args.tile:
+        return tile_dataset(args)
     if args.from_format == "voc":
         records, classes, images = read_voc(args.data_path, args.split, args.classes, args.workers)
         source = Path(args.data_path) / "Annotations"
+    elif args.from_format == "yolo":
+        records, classes, images = read_yolo(args.data_path, args.split or "train", args.workers)
+        source = images
     else:
         if args.from_format == "coco":
             records, classes = read_coco(args.ann_file)
@@ -466,21 +634,27 @@ def main(args):
     # the check after writing loads the output with the dataset classes, which insist on every image being there
     missing = [r["file_name"] for r in records if not (images / r["file_name"]).is_file()]
     if missing:
-        fix = "restore them" if args.from_format == "voc" else "pass --img-prefix DIR, the folder they are relative to"
+        fix = "pass --img-prefix DIR, the folder they are relative to"
+        fix = "restore them" if args.from_format in ("voc", "yolo") else fix
         raise SetupError(
             f"{len(missing)} of the {len(records)} images are not in {images} (first: {missing[0]}); {fix}: the "
             f"output is checked by loading it with its images"
         )
     records = drop_and_clip(records, source)
+    ignored = sum(sum(record["ignore"]) for record in records)
+    if args.to_format == "yolo":  # a YOLO row cannot say "ignore": drop them, as Ultralytics' VOC conversion does
+        records = [drop_ignored(record) for record in records]
     expected = count_boxes(records, len(classes))
 
     out = Path(args.out)
-    split = args.split or DEFAULT_VOC_SPLIT
-    (out if args.to_format == "voc" else out.parent).mkdir(parents=True, exist_ok=True)
+    split = args.split or ("train" if args.to_format == "yolo" else DEFAULT_VOC_SPLIT)
+    (out if args.to_format in ("voc", "yolo") else out.parent).mkdir(parents=True, exist_ok=True)
     if args.to_format == "coco":
         write_coco(records, classes, out)
     elif args.to_format == "custom":
         write_custom(records, classes, out)
+    elif args.to_format == "yolo":
+        copied = write_yolo(records, classes, out, split, images)
     else:
         write_voc(records, classes, out, split, images, args.workers)
 
@@ -501,6 +675,10 @@ def main(args):
     elif args.to_format == "voc":
         linked = f"a link to {images}" if (out / "JPEGImages").is_symlink() else "already there"
         print(f"classes: {out / 'classes.txt'}; images: {out / 'JPEGImages'} ({linked}; images are never copied)")
+    elif args.to_format == "yolo":
+        how = f"{copied} copied, {len(records) - copied} linked" if copied else f"links to {images}"
+        print(f"data.yaml: {out / 'data.yaml'}; images: {out / 'images' / split} ({how}); train.py --dataset yolo")
+        print(f"dropped {ignored} ignored boxes (VOC difficult, COCO iscrowd, bboxes_ignore): YOLO cannot mark them")
     else:
         print(f"images: {images} (file names are relative to it)")
     print_summary(records, classes, expected)

@@ -1,5 +1,5 @@
 """Dataset formats beyond the tutorial's Penn-Fudan and COCO json, each an extra that datasets.DATASETS imports when
---dataset names it: voc.py (Pascal VOC XML), custom.py (mmdetection's list of dicts).
+--dataset names it: voc.py (Pascal VOC XML), custom.py (mmdetection's list of dicts), yolo.py (YOLO txt labels).
 
 `BoxRecords` is what they share: a format parses its files into `self.items`, one dict per image, and BoxRecords
 reads the image and returns the datasets/ contract. A new box format needs only that parsing.
@@ -18,6 +18,10 @@ class BoxRecords(torch.utils.data.Dataset):
 
     def size_fix(self, item):
         raise NotImplementedError
+
+    def masks(self, item):
+        """uint8 [N, H, W] instance masks of an item, for a format that has them (yolo.py); None: boxes only."""
+        return None
 
     def __len__(self):
         return len(self.items)
@@ -40,6 +44,10 @@ class BoxRecords(torch.utils.data.Dataset):
             "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             "iscrowd": item["iscrowd"].clone(),
         }
+        masks = self.masks(item)
+        if masks is not None:  # the contract's area is the mask's where there is one
+            target["masks"] = tv_tensors.Mask(masks)
+            target["area"] = masks.sum(dim=(1, 2)).float()
         image = tv_tensors.Image(image)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
