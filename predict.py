@@ -71,6 +71,8 @@ def load_model(checkpoint, device="cpu"):
         state = utils.load_checkpoint(checkpoint, "--checkpoint", hint)
         class_names = list(state["class_names"])
         model = models.model_from_checkpoint(state)  # as train.py built it: parts, anchors, input size
+        # the F1-optimal threshold of the checkpoint's last evaluation (extras/error_analysis.py), if it had one
+        model.recommended_score_thresh = state.get("score_thresh")
     model.class_names = class_names
     # channels_last, folded BatchNorm and (CPU) the multi-threaded RoIAlign: faster, the same detections in fp32
     return models.prepare_model(model, torch.device(device)).eval()
@@ -141,15 +143,23 @@ def detect(model, images, agnostic_iou=None):
     return results
 
 
-def predict(model, images, score_thresh=0.5, batch_size=1, max_det=None, agnostic_iou=None):
+def default_score_thresh(model):
+    """The checkpoint's recommended --score-thresh (F1-optimal on its validation set), else 0.5."""
+    recommended = getattr(model, "recommended_score_thresh", None)
+    return 0.5 if recommended is None else recommended
+
+
+def predict(model, images, score_thresh=None, batch_size=1, max_det=None, agnostic_iou=None):
     """`model`'s detections (from load_model) for each of `images` (file paths, PIL images, tensors), in order:
 
         boxes  float32 [N, 4], XYXY in pixels of that image    labels int64 [N], 1..K    scores float32 [N]
         names  list of N class names                          masks  bool [N, H, W] (Mask R-CNN models only)
 
-    Only detections scoring above `score_thresh` are returned, best first, at most `max_det` (None: the model's
-    limit, torchvision's 100). `batch_size` images go through the model at a time; see detect for `agnostic_iou`.
+    Only detections scoring above `score_thresh` are returned (None: the checkpoint's recommended threshold, else
+    0.5), best first, at most `max_det` (None: the model's limit, torchvision's 100). `batch_size` images go through
+    the model at a time; see detect for `agnostic_iou`.
     """
+    score_thresh = default_score_thresh(model) if score_thresh is None else score_thresh
     results = []
     with detection_settings(model, score_thresh, max_det), torch.inference_mode():
         for start in range(0, len(images), batch_size):
@@ -280,7 +290,11 @@ def get_args_parser():
     )
     parser.add_argument("--out", required=True, help="folder for the drawings, results.json and images.json")
     parser.add_argument(
-        "--score-thresh", default=0.5, type=float, help="keep detections scoring above this (default 0.5)"
+        "--score-thresh",
+        default=None,
+        type=float,
+        help="keep detections scoring above this (default: the checkpoint's recommended one, F1-optimal on its "
+        "validation set; else 0.5)",
     )
     parser.add_argument(
         "--device",
@@ -416,6 +430,11 @@ def main(args):
         raise utils.SetupError("--save-annotations lists images; videos get their per-frame <stem>.json")
     model = load_model(args.checkpoint, args.device)
     class_names = model.class_names
+    if args.score_thresh is None:
+        args.score_thresh = default_score_thresh(model)
+        recommended = getattr(model, "recommended_score_thresh", None) is not None
+        source = "the checkpoint's F1-optimal one" if recommended else "0.5"
+        print(f"--score-thresh {args.score_thresh:.3f} ({source}; pass --score-thresh to choose)")
     if args.tta != "none" or args.tta_scales:
         from extras import tta  # test-time augmentation
 

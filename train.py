@@ -158,6 +158,14 @@ def get_args_parser(add_help=True):
                      help="test-time shorter sides, e.g. 640,800,1000 px (default: the model's one)")
     run.add_argument("--tta-merge", default="nms", choices=("nms", "vote"),
                      help="merge the views' boxes by per-class NMS or score-weighted voting (default nms)")
+    run.add_argument("--tile", default=0, type=int,
+                     help="with --test-only: run the model on overlapping tiles of this many px, for large images "
+                          "with small objects (default 0: whole images)")
+    run.add_argument("--tile-overlap", default=0.2, type=float, help="share of a tile its neighbours see (default 0.2)")
+    run.add_argument("--tile-merge", default="nms", choices=("nms", "vote"),
+                     help="merge the tiles' boxes by NMS or voting (default nms)")
+    run.add_argument("--tile-full-image", action="store_true",
+                     help="with --tile: also run each whole image, for objects larger than a tile (default off)")
     run.add_argument("--show-dir", default=None, help="with --test-only: write drawn predictions here (default none)")
     run.add_argument("--val-loss", default=True, action=argparse.BooleanOptionalAction,
                      help="also compute the validation loss at each evaluation (default on)")
@@ -183,7 +191,7 @@ def get_datasets(args):
         ),
         "voc": dict(**split, classes=args.classes, train_split=args.train_split, val_split=args.val_split),
         "custom": dict(**split, **annotations, classes=args.classes),
-        "yolo": {},  # data.yaml names the splits and the classes
+        "yolo": split,  # data.yaml names the splits (a missing val split: held out as above) and the classes
     }.get(args.dataset, dict(**annotations, classes=args.classes))  # a dataset you add: annotation files, classes
     if args.dataset in ("coco", "voc", "custom", "yolo"):  # (boxes made from Penn-Fudan's masks are never degenerate)
         options["strict"] = args.strict
@@ -221,7 +229,9 @@ def load_data(args, local_rank, checkpoint, world_size):
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
     check_data(args, train_set, class_names, checkpoint, world_size)
     if args.cache_images:
-        print(f"Cached the decoded images: {datasets.cache_images(train_set, val_set):.0f} MB")
+        from extras import cache_images  # every image decoded once, kept in memory
+
+        cache_images.cache_images(train_set, val_set)
     return train_set, val_set, class_names
 
 
@@ -355,27 +365,28 @@ def find_resume(args):
 
 
 def resume_from(checkpoint, args, run):
-    """Restore the optimizer, schedule and scaler (not for --test-only); returns (epoch, step, best AP, rng)."""
+    """Continue `run` from `checkpoint`: optimizer, schedule and scaler (not for --test-only), the epoch and step to
+    start at, the best AP so far and the --ema average."""
     if not args.test_only:
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         run.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         if run.scaler is not None and checkpoint.get("scaler"):
             run.scaler.load_state_dict(checkpoint["scaler"])
-    best_ap, first_step, rng = checkpoint.get("best_ap", -1.0), checkpoint.get("step") or 0, checkpoint.get("rng")
-    run.best_epoch, run.score_thresh = checkpoint.get("best_epoch"), checkpoint.get("score_thresh")
+    run.first_step, run.rng = checkpoint.get("step") or 0, checkpoint.get("rng")
+    run.start_epoch = checkpoint["epoch"] + (0 if run.first_step else 1)  # a stopped epoch continues at its next step
+    run.best_ap, run.best_epoch = checkpoint.get("best_ap", -1.0), checkpoint.get("best_epoch")
+    run.score_thresh = checkpoint.get("score_thresh")
     if run.ema is not None and "model_raw" in checkpoint:  # --ema: "model" is the average, resumed as such
         run.ema.load(checkpoint["model"], checkpoint["ema_updates"])
-    start_epoch = checkpoint["epoch"] + (0 if first_step else 1)  # a stopped epoch continues at its next step
     if args.test_only:
-        print(f"Testing {args.resume} (epoch {checkpoint['epoch']}{f', step {first_step}' if first_step else ''})")
-    else:
-        print(f"Resumed from {args.resume}: continuing at epoch {start_epoch}, step {first_step}")
+        step = f", step {run.first_step}" if run.first_step else ""
+        print(f"Testing {args.resume} (epoch {checkpoint['epoch']}{step})")
+        return
+    print(f"Resumed from {args.resume}: continuing at epoch {run.start_epoch}, step {run.first_step}")
     if args.load_from:
         print(f"Note: --resume auto found a checkpoint, so --load-from {args.load_from} is not used")
-    planned = checkpoint.get("args", {}).get("epochs", args.epochs)
-    if planned != args.epochs and not args.test_only:
-        print(f"Note: the run was planned for {planned} epochs and now runs to {args.epochs}")
-    return start_epoch, first_step, best_ap, rng
+    if checkpoint["args"].get("epochs", args.epochs) != args.epochs:
+        print(f"Note: the run was planned for {checkpoint['args']['epochs']} epochs and now runs to {args.epochs}")
 
 
 def check_args(args):
@@ -392,6 +403,8 @@ def check_args(args):
         raise utils.SetupError("--device cuda, but torch sees no CUDA GPU; pass --device cpu")
     if args.model in ("retinanet", "fcos") and ("proposal" in args.eval or args.tta != "none" or args.tta_scales):
         raise utils.SetupError(f"--eval proposal and --tta need a two-stage R-CNN; {args.model} has no RPN / RoI heads")
+    if args.tile and (not args.test_only or args.tile < 32 or "proposal" in args.eval or args.tta != "none"):
+        raise utils.SetupError("--tile N (N >= 32 px) evaluates a trained model: with --test-only, no --tta/proposals")
     if args.amp_dtype == "fp16" and not args.device.startswith("cuda"):
         raise utils.SetupError("--amp-dtype fp16 needs CUDA; on CPU use --amp (bf16) or leave it off (fp32)")
     if args.model.startswith("keypointrcnn") and args.data_augmentation == "lsj":
@@ -435,19 +448,23 @@ def main(args):
                 args=args, device=device, rank=rank, world_size=world_size, stop=stop, class_names=class_names,
                 train_loader=train_loader, train_sampler=train_sampler, val_loader=val_loader, val_set=val_set,
                 model=model, model_without_ddp=model_without_ddp, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                amp_dtype=amp_dtype, scaler=scaler, ema=None,
+                amp_dtype=amp_dtype, scaler=scaler, ema=None, start_epoch=0, first_step=0, rng=None,  # resume_from's
+                best_ap=-1.0, best_epoch=None, score_thresh=None, stopped=None,
             )  # fmt: skip
-            if args.ema:
+            if args.ema and not args.test_only:  # --test-only evaluates the checkpoint's "model": the average
                 from extras import ema  # a moving average of the weights, evaluated and saved
 
                 run.ema = ema.ModelEMA(model_without_ddp, args.ema)
 
-            run.start_epoch, run.first_step, run.best_ap, run.rng = 0, 0, -1.0, None
-            run.best_epoch, run.score_thresh, run.stopped = None, None, None
             if checkpoint is not None:
-                run.start_epoch, run.first_step, run.best_ap, run.rng = resume_from(checkpoint, args, run)
+                resume_from(checkpoint, args, run)
 
             if args.test_only:
+                if args.tile:
+                    from extras import tiling  # large images: the model on overlapping tiles, detections merged
+
+                    tiles = dict(merge=args.tile_merge, full_image=args.tile_full_image)
+                    run.model = tiling.TiledDetector(model_without_ddp, args.tile, args.tile_overlap, **tiles).eval()
                 return run_evaluation(run, final=True, show_dir=args.show_dir)
             return train_epochs(run)
 

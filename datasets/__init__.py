@@ -22,7 +22,6 @@ from utils import SetupError
 
 from .coco import CocoDetection
 from .common import Subset, choose_val_size, random_split
-from .images import cache_images  # noqa: F401 - datasets.cache_images
 from .pennfudan import CLASSES as PENNFUDAN_CLASSES
 from .pennfudan import PennFudanDataset
 

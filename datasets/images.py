@@ -85,33 +85,20 @@ def decode(im, mode=None):
     return pil_to_tensor(im.convert(mode) if mode and im.mode != mode else im)
 
 
-# Decoded images by (path, mode) once cache_images() is called: a small dataset is decoded once, not every epoch.
-_decoded = None
-
-
-def cache_images(*datasets):
-    """Decode every image of `datasets` now and keep them in memory (--cache-images); returns the MB used.
-
-    Run it in the main process before the DataLoader starts its workers: forked workers share these tensors' memory.
-    """
-    global _decoded
-    _decoded = {} if _decoded is None else _decoded
-    for dataset in datasets:
-        for i in range(len(dataset)):
-            dataset[i]  # noqa: B018 - reading a sample fills the cache
-    return sum(t.numel() for t in _decoded.values()) / 2**20
+# Decoded images by (path, mode) when extras/cache_images.py fills it (--cache-images); None: every read decodes
+decoded = None
 
 
 def read_image(path, mode=None, hint=DATASET_HINT):
     """Decode an image file to an upright uint8 [C, H, W] tensor (PIL: torchvision.io's decoders are deprecated in
     0.29). A file that cannot be read raises UnreadableImage naming it, followed by `hint` (what to do about it)."""
-    if _decoded is not None and (str(path), mode) in _decoded:
-        return _decoded[str(path), mode].clone()  # a copy: transforms may work in place
+    if decoded is not None and (str(path), mode) in decoded:
+        return decoded[str(path), mode].clone()  # a copy: transforms may work in place
     with _open(path, hint) as im:
         try:
             image = decode(im, mode)
         except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt pixel data, found while decoding
             raise UnreadableImage(f"cannot read image {path}: {e}." + (f"\n  {hint}" if hint else "")) from None
-    if _decoded is not None:
-        _decoded[str(path), mode] = image.clone()
+    if decoded is not None:
+        decoded[str(path), mode] = image.clone()
     return image

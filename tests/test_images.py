@@ -147,3 +147,18 @@ def test_voc_without_classes_suggests_the_names_in_the_files(tmp_path):
         voc.VOCDetection(root, split_ids=["a"])  # the default: the 20 VOC names
     with pytest.raises(SetupError, match=r"e\.g\. --classes dog,cell \("):
         voc.VOCDetection(root, classes=["dog"], split_ids=["a"])
+
+
+def test_cache_images_serves_decoded_copies(pennfudan_dir):
+    from datasets import PennFudanDataset, images
+    from extras import cache_images
+
+    dataset = PennFudanDataset(pennfudan_dir)
+    try:
+        megabytes = cache_images.cache_images(dataset)
+        first = dataset[0][0].clone()
+        for png in (pennfudan_dir / "PNGImages").glob("*.png"):
+            png.write_bytes(b"")  # the files are gone: the cache alone serves them now
+        assert megabytes > 0 and torch.equal(dataset[0][0], first)
+    finally:
+        images.decoded = None
