@@ -30,7 +30,7 @@ REQUIRED_FIELDS = {
 }
 
 
-def _segmentation_to_rle(segmentation, box, height, width):
+def segmentation_to_rle(segmentation, box, height, width):
     """One annotation's segmentation (polygons, uncompressed or compressed RLE) as one compressed RLE."""
     if isinstance(segmentation, dict):
         if isinstance(segmentation["counts"], list):  # uncompressed RLE: how COCO stores iscrowd regions
@@ -140,7 +140,7 @@ class CocoDetection(torch.utils.data.Dataset):
         """uint8 [N, H, W] masks, decoded from the annotations' polygons / RLEs."""
         if not anns:
             return torch.zeros((0, height, width), dtype=torch.uint8)
-        rles = [_segmentation_to_rle(a.get("segmentation"), b, height, width) for a, b in zip(anns, boxes.tolist())]
+        rles = [segmentation_to_rle(a.get("segmentation"), b, height, width) for a, b in zip(anns, boxes.tolist())]
         # decode() sizes its output from the first RLE and trusts the others to match: check them all first
         wrong = [a.get("id") for a, rle in zip(anns, rles) if list(rle["size"]) != [height, width]]
         if wrong:

@@ -21,7 +21,7 @@ import pycocotools.mask as mask_util
 import torch
 from torchvision.transforms.v2.functional import to_pil_image
 
-from datasets.coco import _segmentation_to_rle, read_coco
+from datasets.coco import read_coco, segmentation_to_rle
 from datasets.images import read_image
 from extras.tta import merge_detections
 from utils import SetupError
@@ -220,7 +220,7 @@ def cut_coco(ann_file, images, out, tile_size, overlap=0.2, min_visible=0.3, max
         anns, height, width = anns_per_image[im["id"]], im["height"], im["width"]
         boxes = [(x, y, x + w, y + h) for x, y, w, h in (ann["bbox"] for ann in anns)]
         masks = [
-            mask_util.decode(_segmentation_to_rle(ann["segmentation"], box, height, width))
+            mask_util.decode(segmentation_to_rle(ann["segmentation"], box, height, width))
             if ann.get("segmentation") else None
             for ann, box in zip(anns, boxes)
         ]  # fmt: skip

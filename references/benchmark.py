@@ -125,7 +125,7 @@ def measure(args):
     eval_threads = CONFIGS[args.worker][1]
     train_set, val_set, class_names = train.get_datasets(args)
     val_set = torch.utils.data.Subset(val_set, range(min(args.eval_images, len(val_set))))
-    train_loader, val_loader, _ = train.get_loaders(args, train_set, val_set, 1, 0)
+    train_loader, val_loader, _ = train.get_loaders(args, train_set, val_set, class_names, 1, 0)
     device = torch.device(args.device)
     # The speed does not depend on the lr; random stand-in heads diverge at the tutorial's 0.005 without warm-up
     args.lr = args.lr or 1e-4
