@@ -88,6 +88,24 @@ def test_predict_on_paths_pil_images_and_tensors(faster_rcnn, data_dir):
     assert model.roi_heads.score_thresh == 0.05  # the model's own threshold is put back
 
 
+def test_the_checkpoint_recommends_the_default_score_thresh(faster_rcnn, data_dir, tmp_path, capsys):
+    state = torch.load(faster_rcnn, weights_only=True)
+    assert state["score_thresh"] is None or 0 <= state["score_thresh"] <= 1  # train.py's F1-optimal one
+    image = data_dir / "PNGImages" / "Ped00000.png"
+    [every] = predict.predict(predict.load_model(faster_rcnn), [image], score_thresh=0.0)
+    state["score_thresh"] = middle = every["scores"].median().item()  # half the detections above it
+    path = tmp_path / "recommended.pth"
+    torch.save(state, path)
+    model = predict.load_model(path)
+    [default] = predict.predict(model, [image])
+    [explicit] = predict.predict(model, [image], score_thresh=middle)
+    assert torch.equal(default["boxes"], explicit["boxes"]) and 0 < len(default["boxes"]) < len(every["boxes"])
+    argv = ["--checkpoint", path, image, "--out", tmp_path / "out"]
+    predict.main(predict.get_args_parser().parse_args([str(a) for a in argv]))
+    assert f"--score-thresh {middle:.3f} (the checkpoint's F1-optimal one" in capsys.readouterr().out
+    path.unlink()
+
+
 def test_predict_masks(mask_rcnn, data_dir):
     model = predict.load_model(str(mask_rcnn))
     [result] = predict.predict(model, [data_dir / "PNGImages" / "Ped00001.png"], score_thresh=0.0)
