@@ -141,3 +141,18 @@ def test_onnx_without_onnxruntime_names_the_pip_command(tmp_path, capsys, monkey
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "pip install onnx onnxruntime" in error
+
+
+def test_benchmark_predict_measures_every_runtime(data_dir, tmp_path, capsys):
+    import benchmark_predict  # references/benchmark_predict.py
+
+    path = tmp_path / "checkpoint.pth"
+    write_checkpoint(path, data_dir, "fasterrcnn", **RESNET18)
+    argv = ["--checkpoint", path, "--images", data_dir / "PNGImages", "--num-images", 4, "--batch-size", 2]
+    rows = benchmark_predict.main(
+        benchmark_predict.get_args_parser().parse_args([str(a) for a in [*argv, "--warmup", 1]])
+    )
+    names = [name for name, _, _ in rows]
+    assert names == ["eager, batch 1", "eager, batch 2", "TorchScript, batch 1", "ONNX Runtime, batch 1"]
+    assert all(images_per_s > 0 and median_ms > 0 for _, images_per_s, median_ms in rows)
+    assert "| ONNX Runtime, batch 1 |" in capsys.readouterr().out
