@@ -9,6 +9,7 @@ import torch
 
 import engine
 import train
+import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler
 from extras import early_stop, ema, repeat_factor
 
@@ -166,3 +167,10 @@ def test_resumed_run_with_accumulation_ema_and_repeats_equals_a_straight_one(pen
             assert torch.equal(value, resumed[key][name]), (key, name)
     assert not all(torch.equal(v, straight["model_raw"][k]) for k, v in straight["model"].items())
     assert straight["score_thresh"] == resumed["score_thresh"] and straight["best_epoch"] in (0, 1)
+
+    capsys.readouterr()  # --test-only evaluates the average ("model"), here on tiles of 48 px of the 64-96 px images
+    tiled = ["--test-only", "--resume", tmp_path / "straight" / "checkpoint.pth", "--tile", 48, "--tile-full-image"]
+    metrics = run(*common, "--output-dir", tmp_path / "tiled", *tiled)
+    assert "bbox" in metrics and "errors" in metrics and "Testing" in capsys.readouterr().out
+    with pytest.raises(utils.SetupError, match="--tile N"):
+        run(*common, "--output-dir", tmp_path / "tiled", "--tile", 48)  # training on tiles: cut them with the converter
