@@ -554,7 +554,8 @@ def train_epochs(run):
     if rank == 0 and args.epochs > run.start_epoch:
         from extras import report  # report.md: metrics, curves, drawn validation images, throughput
 
-        report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total, run.stopped)
+        sampling = getattr(run.train_sampler, "summary", None)  # --repeat-factor-thr's table
+        report.write_report(args, metrics, log_file, images / max(train_seconds, 1e-9), total, run.stopped, sampling)
     return metrics
 
 

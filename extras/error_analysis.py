@@ -358,6 +358,13 @@ def markdown(errors, out_dir):
     for name, c in errors["per_class"].items():
         cells = [_number(c["threshold"], ".3f", 1)] + [_number(c[key]) for key in ("precision", "recall", "f1", "AP50")]
         lines.append(f"| {name} | {c['num_gt']} | " + " | ".join(cells) + " |")
+    names = [*class_names, "background"]
+    lines += ["", f"Confusion matrix (IoU {errors['iou']}, score > {errors['score_thresh']}; rows: ground truth, "
+              "columns: predicted; background: missed objects and false detections):", ""]  # fmt: skip
+    lines += ["| truth \\ predicted | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, (name, row) in enumerate(zip(names, errors["confusion"])):
+        cells = ["-" if i == j == len(class_names) else str(int(v)) for j, v in enumerate(row)]  # background x2
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     for path in save_plots(errors, class_names, out_dir):
         name = os.path.basename(path)

@@ -73,12 +73,18 @@ class RepeatFactorSampler(torch.utils.data.Sampler):
 
 
 def sampler(dataset, class_names, threshold, num_replicas=1, rank=0, seed=0):
-    """The RepeatFactorSampler of `dataset` for --repeat-factor-thr `threshold`, printing each class's image count
-    and repeat factor."""
+    """The RepeatFactorSampler of `dataset` for --repeat-factor-thr `threshold`; prints each class's image count and
+    repeat factor, which `sampler.summary` keeps as report.md's section (markdown lines)."""
     factors, per_class = repeat_factors(image_labels(dataset), threshold)
+    names = {label: class_names[label - 1] if 0 < label <= len(class_names) else str(label) for label in per_class}
+    total = f"an epoch draws {sum(factors):.0f} images on average, {len(factors)} without repeats"
     print(f"Repeat-factor sampling (threshold {threshold:g}): class, training images, repeat factor")
     for label, (images, factor) in per_class.items():
-        name = class_names[label - 1] if 0 < label <= len(class_names) else str(label)
-        print(f"  {name:<24} {images:>6} {factor:6.2f}")
-    print(f"  an epoch draws {sum(factors):.0f} images on average, {len(factors)} without repeats")
-    return RepeatFactorSampler(factors, num_replicas, rank, seed)
+        print(f"  {names[label]:<24} {images:>6} {factor:6.2f}")
+    print(f"  {total}")
+    result = RepeatFactorSampler(factors, num_replicas, rank, seed)
+    result.summary = [f"## Repeat-factor sampling (--repeat-factor-thr {threshold:g})", ""]
+    result.summary += ["| class | training images | repeat factor |", "|---|---|---|"]
+    result.summary += [f"| {names[label]} | {images} | {factor:.2f} |" for label, (images, factor) in per_class.items()]
+    result.summary += ["", total[0].upper() + total[1:] + ".", ""]
+    return result

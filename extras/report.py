@@ -88,9 +88,10 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def write_report(args, metrics, log_file, train_images_per_s, total_seconds, stopped=None):
+def write_report(args, metrics, log_file, train_images_per_s, total_seconds, stopped=None, sampling=None):
     """output-dir/report.md: the final metrics, per-class AP, curves, a few drawn validation images, timing, args;
-    `stopped` says why training ended before --epochs (--patience)."""
+    `stopped` says why training ended before --epochs (--patience), `sampling` is a section of markdown lines on how
+    training images were drawn (--repeat-factor-thr)."""
     out = args.output_dir
     lines = [f"# {args.model} on {args.dataset}", ""]
     if stopped:
@@ -115,6 +116,7 @@ def write_report(args, metrics, log_file, train_images_per_s, total_seconds, sto
         from extras import error_analysis
 
         lines += error_analysis.markdown(metrics["errors"], out)
+    lines += sampling or []
     if plot_curves([log_file], os.path.join(out, "curves.png"), names=[args.model]):
         lines += ["## Curves", "", "![curves](curves.png)", ""]
     drawn = (

@@ -154,6 +154,8 @@ def test_resumed_run_with_accumulation_ema_and_repeats_equals_a_straight_one(pen
     assert "Confusion matrix at IoU 0.5" in printed and "Recommended --score-thresh" in printed
     report = (tmp_path / "straight" / "report.md").read_text()
     assert "## Error analysis" in report and (tmp_path / "straight" / "confusion_matrix.png").is_file()
+    assert "| truth \\ predicted | person | background |" in report  # the confusion counts
+    assert "## Repeat-factor sampling (--repeat-factor-thr 0.5)" in report and "| person | 5 | 1.00 |" in report
 
     (tmp_path / "straight" / "best.pth").unlink()  # ~220 MB each: the average, the raw weights and the momentum
     run(*common, "--epochs", 1, "--output-dir", tmp_path / "stopped")
