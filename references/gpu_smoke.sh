@@ -4,7 +4,8 @@
 # WHEEL_DIR: a folder of wheels made beforehand with `pip download pycocotools -d WHEEL_DIR`, installed from when
 # pycocotools is missing. The data is generated (a Penn-Fudan-layout folder, as the tests make it); the model starts
 # from random weights (--weights none). Checks: 30 training steps with fp16 autocast and loss scaling, 30 with bf16,
-# --resume, --test-only evaluation, predict.py, --device cuda:1 and a 2-process torchrun run (with 2+ GPUs).
+# --resume, --test-only evaluation, predict.py (also in batches of 4), --accumulate 2 with --ema under fp16,
+# --device cuda:1 and 2-process torchrun runs (with 2+ GPUs; one accumulating, so that DDP's no_sync runs).
 # Exit status: the number of failed checks. Logs stay in the printed work folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,11 +69,19 @@ check evaluate_scored grep -q "IoU metric: segm" "$WORK/evaluate.log"
 check predict $PY predict.py --checkpoint "$WORK/fp16/checkpoint.pth" "$WORK/pf/PNGImages" --out "$WORK/pred" \
     --score-thresh 0.0 --device cuda
 check predict_wrote test -s "$WORK/pred/results.json"
+check predict_batch_4 $PY predict.py --checkpoint "$WORK/fp16/checkpoint.pth" "$WORK/pf/PNGImages" --out "$WORK/pred4" \
+    --score-thresh 0.0 --device cuda --batch-size 4
+check accumulate_ema $PY train.py "${COMMON[@]}" --epochs 1 --amp-dtype fp16 --accumulate 2 --ema 0.99 \
+    --output-dir "$WORK/acc"
+check accumulate_30_batches steps_were "$WORK/acc" 30
 if [[ $GPUS -ge 2 ]]; then
     check device_cuda1 $PY train.py "${COMMON[@]}" --epochs 1 --device cuda:1 --output-dir "$WORK/cuda1"
     check torchrun_2_gpus $PY -m torch.distributed.run --standalone --nproc_per_node 2 train.py "${COMMON[@]}" \
         --epochs 1 --output-dir "$WORK/ddp"
     check torchrun_15_steps steps_were "$WORK/ddp" 15  # 60 images over 2 processes of batch 2
+    check torchrun_accumulate $PY -m torch.distributed.run --standalone --nproc_per_node 2 train.py "${COMMON[@]}" \
+        --epochs 1 --accumulate 2 --output-dir "$WORK/ddp_acc"
+    check torchrun_accumulate_15_batches steps_were "$WORK/ddp_acc" 15
 else
     echo "SKIP device_cuda1, torchrun_2_gpus: one GPU"
 fi
