@@ -417,8 +417,9 @@ def main(args):
         with preemption.StopSignals() as stop:  # SIGTERM / SIGINT / SIGUSR1: save at the next step, then stop
             if args.lr is None:  # linear scaling rule: the tutorial's 0.005 for 2 images, scaled with the total batch
                 args.lr = 0.005 * world_size * args.batch_size * args.accumulate / 2
-                print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images x {args.accumulate} "
-                      f"accumulated / 2 = {args.lr:g} (linear scaling)")  # fmt: skip
+                accumulated = f" x {args.accumulate} accumulated" if args.accumulate > 1 else ""
+                print(f"lr = 0.005 x {world_size} processes x {args.batch_size} images{accumulated} / 2 = {args.lr:g} "
+                      f"(linear scaling)")  # fmt: skip
             print(f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S} " + " ".join(sys.argv))
             print(json.dumps(vars(args), sort_keys=True))
             utils.seed_everything(args.seed + rank)
