@@ -128,7 +128,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         images, targets, blank, dropped = usable_batch(images, targets, model)
         unreadable, step = unreadable + dropped, step + 1
         stepping = step % accumulate == 0 or step == total  # the last batch of an accumulation window
-        window = min(accumulate, total - (step - 1) // accumulate * accumulate)  # batches in this optimizer step
+        window = max(1, min(accumulate, total - (step - 1) // accumulate * accumulate))  # batches in this step
         if (step - 1) % accumulate == 0:  # a window starts (one whose last batch was skipped is dropped here)
             optimizer.zero_grad(set_to_none=True)
         if images is None:

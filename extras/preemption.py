@@ -84,8 +84,10 @@ class ResumableBatches(torch.utils.data.Sampler):
         self.batch_sampler, self.skip = batch_sampler, 0
 
     def __iter__(self):
+        # A generator: this body runs at the first batch, not at iter(). With workers, the DataLoader calls iter()
+        # twice and draws from the second iterator only; consuming the skip at iter() would lose it to the first.
         skip, self.skip = self.skip, 0
-        return itertools.islice(iter(self.batch_sampler), skip, None)
+        yield from itertools.islice(self.batch_sampler, skip, None)
 
     def __len__(self):
         return len(self.batch_sampler) - self.skip

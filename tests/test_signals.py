@@ -1,6 +1,7 @@
 """Stop signals sent to the whole process group (SLURM at its time limit, `timeout`, systemd, Ctrl-C) reach the
 DataLoader workers too: the run must still finish its step, save and exit 0, and --resume auto continue it."""
 
+import json
 import os
 import signal
 import subprocess
@@ -42,3 +43,6 @@ def test_a_signal_to_the_process_group_saves_the_run_and_resume_continues_it(tmp
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout and "continuing at epoch 1, step" in resumed.stdout
     assert "Training time" in resumed.stdout
+    # 6 training images in batches of 1: the resumed epoch runs the steps after the stop, not the whole epoch again
+    epochs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    assert [e["epoch"] for e in epochs] == [0, 1] and epochs[1]["train"]["steps"] == 6
