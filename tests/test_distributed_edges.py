@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import free_port
+from test_training_options import MeanColourRegressor
 
 import engine
 import models
@@ -138,20 +139,6 @@ def test_anchors_are_float32_under_bf16_autocast():
     assert isinstance(retina.anchor_generator, mixed_precision.Float32Anchors)
 
 
-class _MeanColour(torch.nn.Module):
-    """A detector-shaped toy without BatchNorm: model(images, targets) -> {"loss_mse": mean over the images}."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.linear = torch.nn.Linear(3, 1)
-
-    def forward(self, images, targets):
-        x = torch.stack([image.mean(dim=(1, 2)) for image in images])
-        y = torch.stack([t["boxes"].sum() / 100 for t in targets])
-        return {"loss_mse": ((self.linear(x).squeeze(1) - y) ** 2).mean()}
-
-
 def _toy_samples(count=8):
     generator = torch.Generator().manual_seed(1)
     samples = []
@@ -167,7 +154,7 @@ def _train_toy(model, batches, accumulate):
 
 
 def _accumulating(rank, out):
-    model = _MeanColour()
+    model = MeanColourRegressor()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     mine = _toy_samples()[4 * rank : 4 * rank + 4]  # each rank: 2 batches of 2, accumulated into one step
     batches = [tuple(zip(*mine[:2])), tuple(zip(*mine[2:]))]
@@ -179,7 +166,7 @@ def _accumulating(rank, out):
 def test_accumulation_under_ddp_equals_one_batch_of_every_rank_s_images(tmp_path):
     run_two(_accumulating, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    alone = _MeanColour()  # one process, one batch of the 8 images both ranks saw
+    alone = MeanColourRegressor()  # one process, one batch of the 8 images both ranks saw
     _train_toy(alone, [tuple(zip(*_toy_samples()))], accumulate=1)
     expected = [p.detach().flatten().tolist() for p in alone.parameters()]
     assert r0["steps"] == r1["steps"] == 2 and r0["weights"] == r1["weights"]
