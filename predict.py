@@ -37,6 +37,7 @@ import torch
 from torchvision.ops import box_convert, nms
 from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype, to_pil_image
 
+import checkpoints
 import models
 import utils
 from datasets.images import UnreadableImage, read_image
@@ -68,7 +69,7 @@ def load_model(checkpoint, device="cpu"):
                 f"no checkpoint {checkpoint} (nor MODEL:WEIGHTS naming one of {', '.join(models.TORCHVISION_MODELS)})"
             )
         hint = "for torchvision's own weights pass MODEL:WEIGHTS, e.g. fasterrcnn_resnet50_fpn:DEFAULT"
-        state = utils.load_checkpoint(checkpoint, "--checkpoint", hint)
+        state = checkpoints.load_checkpoint(checkpoint, "--checkpoint", hint)
         class_names = list(state["class_names"])
         model = models.model_from_checkpoint(state)  # as train.py built it: parts, anchors, input size
         # the F1-optimal threshold of the checkpoint's last evaluation (extras/error_analysis.py), if it had one

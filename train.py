@@ -5,11 +5,10 @@
     torchrun --nproc_per_node 2 train.py --dataset pennfudan ...          # several processes (GPUs or CPU)
 
 Everything a run writes goes to --output-dir: checkpoint.pth (latest), model_{epoch}.pth, best.pth, args.json,
-log.txt (the console) and log.jsonl (one JSON object per epoch). The extras (extras/: compose.py, speed.py, tta.py,
-...) are imported where a flag asks for them.
+log.txt (the console) and log.jsonl (one JSON object per epoch). The flags are in options.py; the extras (extras/:
+compose.py, speed.py, tta.py, ...) are imported where a flag asks for them.
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -19,6 +18,7 @@ import types
 
 import torch
 
+import checkpoints
 import datasets
 import models
 import transforms
@@ -26,155 +26,7 @@ import utils
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 from extras import preemption
-
-
-def get_args_parser(add_help=True):
-    # One flag per line or two, so the flags read as a table (ruff format would spread each over five lines).
-    # fmt: off
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
-    )
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="pennfudan", choices=sorted(datasets.DATASETS),
-                      help="dataset (default pennfudan)")
-    data.add_argument("--train-ann", "--ann-file", default=None, help="training annotation file (coco, custom)")
-    data.add_argument("--val-ann", default=None, help="validation annotation file (coco; custom: else a split)")
-    data.add_argument("--train-images", default=None, help="training image folder (coco, default ROOT/train2017)")
-    data.add_argument("--val-images", default=None, help="validation image folder (coco, default ROOT/val2017)")
-    data.add_argument("--train-split", default="train", help="voc ImageSets/Main list for training (default train)")
-    data.add_argument("--val-split", default="val", help="voc ImageSets/Main list for validation (default val)")
-    data.add_argument("--classes", default=None, help="class names: a,b,c or a classes.txt (voc: default the 20 VOC)")
-    data.add_argument("--drop-empty", action="store_true", help="coco: skip training images without objects")
-    data.add_argument("--skip-bad-images", action="store_true",
-                      help="skip samples whose image cannot be read (default: stop)")
-    data.add_argument("--strict", action="store_true",
-                      help="stop on zero-size or outside boxes instead of dropping them (default off)")
-    data.add_argument("--data-path", "--img-prefix", default=None,
-                      help="dataset root; for pennfudan it defaults to data/PennFudanPed, downloaded when missing")
-    data.add_argument("--val-size", default=None, type=int,
-                      help="images held out for validation when the dataset has no official split "
-                           "(default 50 above 100 images, else 20%%)")
-    data.add_argument("--split-seed", default=0, type=int, help="seed of that train/val split (default 0)")
-    data.add_argument("--data-augmentation", default="hflip", choices=transforms.POLICIES,
-                      help="training augmentation policy (default hflip, the tutorial's)")
-    data.add_argument("-j", "--workers", default=2, type=int, help="data loading processes (default 2)")
-    data.add_argument("--cache-images", action="store_true",
-                      help="decode every image once and keep it in memory: small datasets, slow disks (default off)")
-    data.add_argument("--repeat-factor-thr", default=0.0, type=float,
-                      help="draw images of rare classes more often: LVIS's repeat-factor sampling, a class in a share "
-                           "f < T of the images repeated sqrt(T/f) times, e.g. 0.1 (default 0: off)")
-    data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
-                      help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS + models.COMPOSED,
-                       help="detector (default maskrcnn_resnet50_fpn)")
-    model.add_argument("--backbone", default=None,
-                       help="for --model fasterrcnn/maskrcnn/retinanet/fcos: an ImageNet classifier of "
-                            "compose.BACKBONES, e.g. resnet18, mobilenet_v3_large, convnext_tiny (default resnet50)")
-    model.add_argument("--neck", default=None,
-                       help="with those models: none, fpn or pafpn (FPN + PANet's bottom-up path) (default fpn)")
-    model.add_argument("--anchor-sizes", default=None, type=lambda s: [int(v) for v in s.split(",")],
-                       help="anchor sizes in px at the model's input scale: one per feature map (5 with an FPN), or "
-                            "all of them on the one map of --neck none, e.g. 32,64,128,256,512 (default: the model's)")
-    model.add_argument("--anchor-ratios", default=None, type=lambda s: [float(v) for v in s.split(",")],
-                       help="anchor aspect ratios h/w, on every map, e.g. 0.5,1,2 (default: the model's)")
-    model.add_argument("--weights", default="DEFAULT",
-                       help="DEFAULT (COCO), a weights enum name, none (random) or a .pth file (default DEFAULT)")
-    model.add_argument("--weights-backbone", default="none",
-                       help="ImageNet backbone weights when --weights is none: DEFAULT or none (default none)")
-    model.add_argument("--trainable-backbone-layers", default=None, type=int,
-                       help="backbone stages to train, 0-5 (default: torchvision's, 3 for pretrained models)")
-    model.add_argument("--sync-bn", action="store_true",
-                       help="synchronise trainable BatchNorm across processes (default off)")
-    model.add_argument("--box-score-thresh", default=0.05, type=float,
-                       help="detections scoring below this are dropped before evaluation (default 0.05, torchvision's)")
-    model.add_argument("--channels-last", default=True, action=argparse.BooleanOptionalAction,
-                       help="NHWC memory layout, faster convolutions on CPU and GPU (default on)")
-    model.add_argument("--fold-bn", default=True, action=argparse.BooleanOptionalAction,
-                       help="fold frozen BatchNorm into the convolutions before it; same results (default on)")
-    model.add_argument("--fast-roi-align", default=True, action=argparse.BooleanOptionalAction,
-                       help="on CPU, RoIAlign by multi-threaded torch ops instead of torchvision's one-thread kernel; "
-                            "same results to 1e-6 (default on)")
-    model.add_argument("--compile", action="store_true",
-                       help="torch.compile the backbone: slow first steps, then faster (default off)")
-    model.add_argument("--min-size", default=None, type=int,
-                       help="shorter image side fed to the model, px (default: the model's, 800; 320 for *_320_fpn)")
-    model.add_argument("--max-size", default=None, type=int,
-                       help="cap on the longer image side, px (default: the model's, 1333; 640 for *_320_fpn)")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per process and step (default 2)")
-    optim.add_argument("--epochs", default=10, type=int, help="training epochs (default 10)")
-    optim.add_argument("--opt", default="sgd", choices=("sgd", "adamw"), help="optimizer (default sgd)")
-    optim.add_argument("--lr", default=None, type=float,
-                       help="learning rate (default 0.005 x total batch / 2: the tutorial's, scaled linearly)")
-    optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default 0.9)")
-    optim.add_argument("--weight-decay", "--wd", default=5e-4, type=float, help="weight decay (default 0.0005)")
-    optim.add_argument("--lr-scheduler", default="step", choices=("step", "multistep", "cosine"),
-                       help="lr schedule over epochs (default step)")
-    optim.add_argument("--lr-step-size", default=3, type=int, help="epochs between lr drops for step (default 3)")
-    optim.add_argument("--lr-steps", default=[8, 11], nargs="+", type=int,
-                       help="epochs of the multistep drops (default 8 11)")
-    optim.add_argument("--lr-gamma", default=0.1, type=float, help="lr factor at each drop (default 0.1)")
-    optim.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
-                       help="mixed precision (default on for CUDA; on CPU faster but it cost AP: README, Speed)")
-    optim.add_argument("--accumulate", default=1, type=int,
-                       help="batches whose gradients add up to one optimizer step: an effective batch N times "
-                            "larger in the same memory (default 1)")
-    optim.add_argument("--ema", default=0.0, type=float,
-                       help="evaluate and save an exponential moving average of the weights with this decay, e.g. "
-                            "0.9998 (default 0: off)")
-    optim.add_argument("--amp-dtype", default=None, choices=("bf16", "fp16"),
-                       help="autocast dtype, turns --amp on (default bf16 on CPU, fp16 with loss scaling on CUDA)")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cuda or cpu (default cuda when available)")
-    run.add_argument("--output-dir", default="work_dirs/run", help="where the run writes (default work_dirs/run)")
-    run.add_argument("--resume", default=None,
-                     help="checkpoint to continue from, or auto (output-dir's checkpoint.pth if present)")
-    run.add_argument("--load-from", default=None,
-                     help="start from this checkpoint's weights (any class count) at epoch 0 with a fresh optimizer")
-    run.add_argument("--skip-nonfinite", default=0, type=int,
-                     help="skip up to N steps per epoch with a NaN/inf loss instead of stopping (default 0)")
-    run.add_argument("--save-interval", default=1, type=int,
-                     help="also keep model_{epoch}.pth every N epochs (default 1)")
-    run.add_argument("--eval-batch-size", default=1, type=int, help="images per evaluation step (default 1)")
-    run.add_argument("--patience", default=0, type=int,
-                     help="stop when the validation AP has not improved for N evaluations (default 0: never)")
-    run.add_argument("--confusion-thresh", default=0.25, type=float,
-                     help="score above which a detection counts in the confusion matrix (default 0.25)")
-    run.add_argument("--eval-interval", default=1, type=int,
-                     help="validate every N epochs and after the last (default 1)")
-    run.add_argument("--test-only", action="store_true", help="evaluate (the --resume checkpoint) and exit")
-    run.add_argument("--eval", default=["bbox"], nargs="+", choices=("bbox", "proposal"),
-                     help="bbox: COCO AP (and segm/keypoints AP for models that predict them); proposal: the RPN's "
-                          "average recall AR@100/300/1000, to tune anchors (default bbox)")
-    run.add_argument("--tta", default="none", choices=("none", "hflip"),
-                     help="test-time augmentation of the final evaluation, also scored without (default none)")
-    run.add_argument("--tta-scales", default=None, type=lambda s: [int(v) for v in s.split(",")],
-                     help="test-time shorter sides, e.g. 640,800,1000 px (default: the model's one)")
-    run.add_argument("--tta-merge", default="nms", choices=("nms", "vote"),
-                     help="merge the views' boxes by per-class NMS or score-weighted voting (default nms)")
-    run.add_argument("--tile", default=0, type=int,
-                     help="with --test-only: run the model on overlapping tiles of this many px, for large images "
-                          "with small objects (default 0: whole images)")
-    run.add_argument("--tile-overlap", default=0.2, type=float, help="share of a tile its neighbours see (default 0.2)")
-    run.add_argument("--tile-merge", default="nms", choices=("nms", "vote"),
-                     help="merge the tiles' boxes by NMS or voting (default nms)")
-    run.add_argument("--tile-full-image", action="store_true",
-                     help="with --tile: also run each whole image, for objects larger than a tile (default off)")
-    run.add_argument("--show-dir", default=None, help="with --test-only: write drawn predictions here (default none)")
-    run.add_argument("--val-loss", default=True, action=argparse.BooleanOptionalAction,
-                     help="also compute the validation loss at each evaluation (default on)")
-    run.add_argument("--report-images", default=4, type=int, help="drawn validation images in report.md (default 4)")
-    run.add_argument("--out", default=None, help="write the evaluated detections as COCO results json")
-    run.add_argument("--print-freq", default=20, type=int, help="log every N iterations (default 20)")
-    run.add_argument("--seed", default=42, type=int, help="random seed (default 42)")
-    # fmt: on
-    return parser
+from options import check_args, get_args_parser
 
 
 def get_datasets(args):
@@ -183,26 +35,17 @@ def get_datasets(args):
     val_tf = transforms.get_transform(train=False)
     split = dict(val_size=args.val_size, split_seed=args.split_seed)
     annotations = dict(train_ann=args.train_ann, val_ann=args.val_ann)
-    coco_images = dict(train_images=args.train_images, val_images=args.val_images)
+    coco = dict(train_images=args.train_images, val_images=args.val_images, masks=args.model.startswith("maskrcnn"))
     options = {
         "pennfudan": dict(**split, download=args.data_path is None),
-        "coco": dict(
-            **annotations, **coco_images, masks=args.model.startswith("maskrcnn"), keep_empty=not args.drop_empty
-        ),
+        "coco": dict(**annotations, **coco, keep_empty=not args.drop_empty),
         "voc": dict(**split, classes=args.classes, train_split=args.train_split, val_split=args.val_split),
         "custom": dict(**split, **annotations, classes=args.classes),
         "yolo": split,  # data.yaml names the splits (a missing val split: held out as above) and the classes
     }.get(args.dataset, dict(**annotations, classes=args.classes))  # a dataset you add: annotation files, classes
     if args.dataset in ("coco", "voc", "custom", "yolo"):  # (boxes made from Penn-Fudan's masks are never degenerate)
         options["strict"] = args.strict
-    coco_paths = args.dataset == "coco" and all(coco_images.values()) and all(annotations.values())
-    if args.data_path is None and args.dataset != "pennfudan" and not coco_paths:
-        coco = "; or all of --train-ann, --val-ann, --train-images, --val-images" if args.dataset == "coco" else ""
-        raise utils.SetupError(
-            f"--dataset {args.dataset} needs --data-path DIR (the dataset root / image folder){coco}"
-        )
-    root = args.data_path or os.path.join("data", "PennFudanPed")
-    train_set, val_set, class_names = datasets.get_dataset(args.dataset, root, train_tf, val_tf, **options)
+    train_set, val_set, class_names = datasets.get_dataset(args.dataset, args.data_path, train_tf, val_tf, **options)
     if args.skip_bad_images:
         from extras import skip_bad_images  # an unreadable image is skipped instead of stopping the run
 
@@ -227,34 +70,18 @@ def load_data(args, local_rank, checkpoint, world_size):
     if utils.any_rank(problems):  # every rank stops together, or those that could go on would wait forever
         raise utils.SetupError("\n".join(problems) or "another process could not load the data or weights (above)")
     print(f"{args.dataset}: {len(train_set)} train / {len(val_set)} val images, classes {class_names}")
-    check_data(args, train_set, class_names, checkpoint, world_size)
-    if args.cache_images:
-        from extras import cache_images  # every image decoded once, kept in memory
-
-        cache_images.cache_images(train_set, val_set)
-    return train_set, val_set, class_names
-
-
-def check_data(args, train_set, class_names, checkpoint, world_size):
-    """Data the model cannot train on, refused before the model is built."""
     saved = checkpoint and checkpoint.get("class_names")
     if saved is not None and list(saved) != list(class_names):  # its heads would score classes that mean others
         raise utils.SetupError(
             f"{args.resume} was trained on classes {list(saved)}, the dataset has {list(class_names)}.\n"
             f"  Pass the same --classes, or start a new run from its weights with --load-from {args.resume}"
         )
-    if args.model.startswith("maskrcnn") and not datasets.has_masks(train_set):
-        raise utils.SetupError(
-            f"{args.model} needs instance masks and this {args.dataset} dataset has boxes only; "
-            f"pick a box model, e.g. --model fasterrcnn_resnet50_fpn"
-        )
-    if args.model.startswith("keypointrcnn") and not getattr(train_set, "num_keypoints", 0):
-        raise utils.SetupError(f"{args.model} needs keypoints: pass a person_keypoints json (--train-ann/--val-ann)")
-    if len(train_set) < args.batch_size * world_size:
-        raise utils.SetupError(
-            f"{len(train_set)} training images cannot fill one batch of {args.batch_size} x {world_size} processes; "
-            f"lower --batch-size or --val-size"
-        )
+    datasets.check_for_model(train_set, args.model, args.batch_size, world_size)
+    if args.cache_images:
+        from extras import cache_images  # every image decoded once, kept in memory
+
+        cache_images.cache_images(train_set, val_set)
+    return train_set, val_set, class_names
 
 
 def get_loaders(args, train_set, val_set, class_names, world_size, rank):
@@ -344,73 +171,6 @@ def get_lr_scheduler(args, optimizer):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
 
 
-def find_resume(args):
-    """--resume auto -> output-dir/checkpoint.pth when it exists (a fresh start otherwise); else the given path.
-
-    Rank 0 decides and every rank follows: with node-local output dirs, some ranks would otherwise resume and others
-    start afresh. A rank that cannot read the chosen file stops every rank with the fix.
-    """
-    if args.resume != "auto":
-        if args.resume and not os.path.isfile(args.resume):
-            raise utils.SetupError(f"--resume {args.resume}: no such checkpoint")
-        return args.resume
-    latest = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = utils.broadcast_from_main(latest if os.path.isfile(latest) else None)
-    if utils.any_rank(resume is not None and not os.path.isfile(resume)):
-        raise utils.SetupError(
-            f"--resume auto: rank 0 continues from {resume}, which another process cannot read; give --output-dir "
-            f"a folder every node shares"
-        )
-    return resume
-
-
-def resume_from(checkpoint, args, run):
-    """Continue `run` from `checkpoint`: optimizer, schedule and scaler (not for --test-only), the epoch and step to
-    start at, the best AP so far and the --ema average."""
-    if not args.test_only:
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-        run.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-        if run.scaler is not None and checkpoint.get("scaler"):
-            run.scaler.load_state_dict(checkpoint["scaler"])
-    run.first_step, run.rng = checkpoint.get("step") or 0, checkpoint.get("rng")
-    run.start_epoch = checkpoint["epoch"] + (0 if run.first_step else 1)  # a stopped epoch continues at its next step
-    run.best_ap, run.best_epoch = checkpoint.get("best_ap", -1.0), checkpoint.get("best_epoch")
-    run.score_thresh = checkpoint.get("score_thresh")
-    if run.ema is not None and "model_raw" in checkpoint:  # --ema: "model" is the average, resumed as such
-        run.ema.load(checkpoint["model"], checkpoint["ema_updates"])
-    if args.test_only:
-        step = f", step {run.first_step}" if run.first_step else ""
-        print(f"Testing {args.resume} (epoch {checkpoint['epoch']}{step})")
-        return
-    print(f"Resumed from {args.resume}: continuing at epoch {run.start_epoch}, step {run.first_step}")
-    if args.load_from:
-        print(f"Note: --resume auto found a checkpoint, so --load-from {args.load_from} is not used")
-    if checkpoint["args"].get("epochs", args.epochs) != args.epochs:
-        print(f"Note: the run was planned for {checkpoint['args']['epochs']} epochs and now runs to {args.epochs}")
-
-
-def check_args(args):
-    """Flag combinations that cannot work, refused before any heavy work."""
-    if args.test_only and not args.resume and str(args.weights).lower() in ("none", "default"):
-        print("Note: --test-only without --resume evaluates the --weights model as built (its heads are untrained)")
-    if min(args.batch_size, args.eval_interval, args.save_interval, args.accumulate) < 1 or args.epochs < 0:
-        raise utils.SetupError("--batch-size, --accumulate, --eval-interval, --save-interval: 1 or more; --epochs >= 0")
-    if not 0 <= args.ema < 1:
-        raise utils.SetupError(f"--ema {args.ema}: the decay is below 1, e.g. 0.9998 (0 turns it off)")
-    if args.resume and args.resume != "auto" and args.load_from:
-        raise utils.SetupError("--resume continues a run, --load-from starts a new one from its weights: pass one")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise utils.SetupError("--device cuda, but torch sees no CUDA GPU; pass --device cpu")
-    if args.model in ("retinanet", "fcos") and ("proposal" in args.eval or args.tta != "none" or args.tta_scales):
-        raise utils.SetupError(f"--eval proposal and --tta need a two-stage R-CNN; {args.model} has no RPN / RoI heads")
-    if args.tile and (not args.test_only or args.tile < 32 or "proposal" in args.eval or args.tta != "none"):
-        raise utils.SetupError("--tile N (N >= 32 px) evaluates a trained model: with --test-only, no --tta/proposals")
-    if args.amp_dtype == "fp16" and not args.device.startswith("cuda"):
-        raise utils.SetupError("--amp-dtype fp16 needs CUDA; on CPU use --amp (bf16) or leave it off (fp32)")
-    if args.model.startswith("keypointrcnn") and args.data_augmentation == "lsj":
-        raise utils.SetupError("--data-augmentation lsj does not move keypoints; use hflip or photometric")
-
-
 def main(args):
     check_args(args)
     with utils.distributed_run(args.device, args.output_dir) as (device, rank, world_size, local_rank):
@@ -425,7 +185,7 @@ def main(args):
             utils.seed_everything(args.seed + rank)
 
             print("Loading data")
-            checkpoint = get_checkpoint(args)  # --resume (auto: the output dir's latest, if any)
+            checkpoint = checkpoints.get_checkpoint(args)  # --resume (auto: the output dir's latest, if any)
             train_set, val_set, class_names = load_data(args, local_rank, checkpoint, world_size)
             loaders = get_loaders(args, train_set, val_set, class_names, world_size, rank)
             train_loader, val_loader, train_sampler = loaders
@@ -458,7 +218,7 @@ def main(args):
                 run.ema = ema.ModelEMA(model_without_ddp, args.ema)
 
             if checkpoint is not None:
-                resume_from(checkpoint, args, run)
+                checkpoints.resume_from(checkpoint, run)
 
             if args.test_only:
                 if args.tile:
@@ -468,32 +228,6 @@ def main(args):
                     run.model = tiling.TiledDetector(model_without_ddp, args.tile, args.tile_overlap, **tiles).eval()
                 return run_evaluation(run, final=True, show_dir=args.show_dir)
             return train_epochs(run)
-
-
-def get_checkpoint(args):
-    """The --resume checkpoint, or None; it decides the model (a --model that differs gives way, with a note)."""
-    resume = args.resume = find_resume(args)
-    checkpoint = utils.load_checkpoint(resume) if resume else None
-    saved = checkpoint and checkpoint.get("model_args", {}).get("name", checkpoint["args"].get("model"))
-    if saved and saved != args.model:
-        print(f"Note: {resume} holds a {saved} model: using that")
-        args.model = saved
-    return checkpoint
-
-
-def checkpoint_state(run, epoch, step=None):
-    """A checkpoint: plain values only, so it loads with weights_only=True; `step` of a stopped epoch."""
-    state = {
-        "model": evaluated_model(run).state_dict(), "optimizer": run.optimizer.state_dict(),
-        "lr_scheduler": run.lr_scheduler.state_dict(), "scaler": run.scaler and run.scaler.state_dict(),
-        "epoch": epoch, "step": step, "rng": preemption.rng_state() if step else None,  # continues a stopped epoch
-        "best_ap": run.best_ap, "class_names": list(run.class_names), "args": vars(run.args),
-        "model_args": run.model_without_ddp.model_args,  # what models.model_from_checkpoint rebuilds it from
-        "best_epoch": run.best_epoch, "score_thresh": run.score_thresh,  # predict.py's default --score-thresh
-    }  # fmt: skip
-    if run.ema is not None:  # "model" holds the average: what --test-only, predict.py and export use
-        state.update(model_raw=run.model_without_ddp.state_dict(), ema_updates=run.ema.updates)
-    return state
 
 
 def evaluated_model(run, ddp=False):
@@ -528,7 +262,9 @@ def train_epochs(run):
         images += (train_stats["steps"] - first_step) * args.batch_size * run.world_size
         first_step, train_seconds = 0, train_seconds + time.time() - epoch_start
         if train_stats["steps"] < steps_in_epoch:  # a signal arrived: save where we are and leave
-            utils.save_checkpoint(checkpoint_state(run, epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth")
+            checkpoints.save_checkpoint(
+                checkpoints.checkpoint_state(run, epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth"
+            )
             print(f"Stopped at epoch {epoch}, step {train_stats['steps']} of {steps_in_epoch}: "
                   f"{args.output_dir}/checkpoint.pth saved; continue with --resume auto")  # fmt: skip
             return {}
@@ -580,10 +316,7 @@ def end_of_epoch(run, epoch):
         from extras import error_analysis
 
         run.score_thresh = error_analysis.recommended_threshold(metrics)
-    state = checkpoint_state(run, epoch)
-    names = ["checkpoint.pth"] + [f"model_{epoch}.pth"] * ((epoch + 1) % args.save_interval == 0)
-    for name in names + ["best.pth"] * is_best:
-        utils.save_checkpoint(state, args.output_dir, name)
+    checkpoints.save_epoch(run, epoch, is_best)
     return metrics, val_loss
 
 

@@ -1,4 +1,4 @@
-"""Logging, batching, seeding, checkpoint and distributed helpers shared by train.py and engine.py.
+"""Logging, batching, seeding and distributed helpers shared by train.py and engine.py.
 
 Every distributed helper is harmless in a single process: `get_world_size()` is 1, `reduce_dict`
 returns its input and `all_gather` returns a one-element list.
@@ -127,32 +127,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def atomic_save(obj, path):
-    """torch.save that never leaves a half-written file: write a temp file, fsync, then rename over `path`.
-
-    A kill or a full disk at any moment leaves the previous file at `path` intact and loadable.
-    """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows when both are on one filesystem
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(dir_fd)
-
-
 # ----------------------------------------------------------------------------------------- distributed
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
@@ -168,11 +142,6 @@ def get_rank():
 
 def is_main_process():
     return get_rank() == 0
-
-
-def save_on_master(obj, path):
-    if is_main_process():
-        atomic_save(obj, path)
 
 
 def collective_device():
@@ -344,36 +313,3 @@ def current_rss_mb():
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except OSError:
         return None
-
-
-def load_checkpoint(path, flag="--resume", fix=None):
-    """A checkpoint of this project: only tensors and plain data are unpickled, so a file cannot run code. Errors
-    name the file as given with `flag`, and say what to do (`fix`; default: start from its weights)."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip, or an old-style pickle
-        raise SetupError(f"{flag} {path} is not a PyTorch file; pass a checkpoint.pth written by train.py")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        reason = next((line.strip() for line in lines if "error" in line.lower()), lines[0])  # weights_only's why
-        raise SetupError(f"cannot load checkpoint {path}: {reason}") from e
-    if isinstance(checkpoint, dict) and {"model", "epoch"} <= checkpoint.keys():
-        return checkpoint
-    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        what = "holds a bare state dict (weights only)"
-    else:
-        what = f"holds a {type(checkpoint).__name__}, not a train.py checkpoint (model, optimizer, epoch, ...)"
-    raise SetupError(f"{flag} {path} {what}; {fix or f'to start from its weights pass --load-from {path}'}")
-
-
-def save_checkpoint(state, output_dir, name):
-    """Atomic write on rank 0; a full disk stops the run with the fix, the previous file left intact."""
-    path = os.path.join(output_dir, name)
-    try:
-        save_on_master(state, path)
-    except OSError as e:
-        raise SetupError(
-            f"could not write {path} ({e}); the previous {name} is intact. Free disk space, then --resume auto"
-        ) from e

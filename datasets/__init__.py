@@ -28,6 +28,7 @@ from .pennfudan import PennFudanDataset
 
 def get_pennfudan(root, train_transforms, val_transforms, val_size=None, split_seed=0, download=True):
     """Penn-Fudan with the tutorial's split: `val_size` random images (50) for validation, the rest for training."""
+    root = root or Path("data", "PennFudanPed")
     train_full = PennFudanDataset(root, transforms=train_transforms, download=download)
     val_full = PennFudanDataset(root, transforms=val_transforms)
     train_idx, val_idx = random_split(len(train_full), choose_val_size(len(train_full), val_size), split_seed)
@@ -86,6 +87,22 @@ def has_masks(dataset):
     return "masks" in next((t for t in targets if t is not None), {})  # None: unreadable, --skip-bad-images
 
 
+def check_for_model(dataset, model, batch_size, processes=1):
+    """Refuse a training set that `model` cannot train on, before the model is built."""
+    if model.startswith("maskrcnn") and not has_masks(dataset):
+        raise SetupError(
+            f"{model} needs instance masks and this dataset has boxes only; pick a box model, e.g. --model "
+            f"fasterrcnn_resnet50_fpn"
+        )
+    if model.startswith("keypointrcnn") and not getattr(dataset, "num_keypoints", 0):
+        raise SetupError(f"{model} needs keypoints: pass a person_keypoints json (--train-ann/--val-ann)")
+    if len(dataset) < batch_size * processes:
+        raise SetupError(
+            f"{len(dataset)} training images cannot fill one batch of {batch_size} x {processes} processes; "
+            f"lower --batch-size or --val-size"
+        )
+
+
 # --dataset name -> builder(root, train_transforms, val_transforms, **options)
 DATASETS = {
     "pennfudan": get_pennfudan,
@@ -97,6 +114,11 @@ DATASETS = {
 
 
 def get_dataset(name, root, train_transforms, val_transforms, **options):
+    """DATASETS[name]; `root` None: Penn-Fudan's default folder, or COCO files given one by one."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    coco_files = all(options.get(k) for k in ("train_ann", "val_ann", "train_images", "val_images"))
+    if root is None and name != "pennfudan" and not (name == "coco" and coco_files):
+        coco = "; or all of --train-ann, --val-ann, --train-images, --val-images" if name == "coco" else ""
+        raise SetupError(f"--dataset {name} needs --data-path DIR (the dataset root / image folder){coco}")
     return DATASETS[name](root, train_transforms, val_transforms, **options)

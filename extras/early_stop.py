@@ -10,6 +10,7 @@ import os
 
 import torch
 
+import checkpoints
 import utils
 
 
@@ -33,5 +34,5 @@ def should_stop(run, epoch):
     if utils.is_main_process() and os.path.isfile(best_file):
         state = torch.load(best_file, map_location="cpu", weights_only=True)
         state["stopped"] = run.stopped
-        utils.save_checkpoint(state, args.output_dir, "best.pth")
+        checkpoints.save_checkpoint(state, args.output_dir, "best.pth")
     return True

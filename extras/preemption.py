@@ -113,3 +113,19 @@ def continue_epoch(loader, step, rng):
     stream continues from the checkpoint's `rng`."""
     loader.batch_sampler.skip = step
     set_rng_state(rng)
+
+
+def latest_checkpoint(output_dir):
+    """--resume auto: output_dir/checkpoint.pth when it exists, else None (a fresh start).
+
+    Rank 0 decides and every rank follows: with node-local output dirs, some ranks would otherwise resume and others
+    start afresh. A rank that cannot read the chosen file stops every rank with the fix.
+    """
+    latest = os.path.join(output_dir, "checkpoint.pth")
+    resume = utils.broadcast_from_main(latest if os.path.isfile(latest) else None)
+    if utils.any_rank(resume is not None and not os.path.isfile(resume)):
+        raise utils.SetupError(
+            f"--resume auto: rank 0 continues from {resume}, which another process cannot read; give --output-dir "
+            f"a folder every node shares"
+        )
+    return resume

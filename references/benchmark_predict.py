@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+import checkpoints  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
 import utils  # noqa: E402
@@ -91,7 +92,7 @@ def main(args):
     if "onnx" in runtimes:
         export.import_onnx()  # stops with the pip command when onnx / onnxruntime are missing
     rows = eager_rows(args.checkpoint, paths, args.batch_size, args.warmup) if "eager" in runtimes else []
-    checkpoint = utils.load_checkpoint(args.checkpoint, "--checkpoint")
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint, "--checkpoint")
     model = models.model_from_checkpoint(checkpoint).eval()  # plain torchvision modules, as export.py exports
     with tempfile.TemporaryDirectory() as folder:
         for name in [r for r in runtimes if r != "eager"]:

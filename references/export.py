@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, where train.py lives
+import checkpoints  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
@@ -179,7 +180,7 @@ def main(args):
             raise utils.SetupError("--opset must be 11 or newer: torchvision's RoIAlign and NMS need it")
     if args.verify_images and not os.path.isdir(args.verify_images):
         raise utils.SetupError(f"--verify-images {args.verify_images} is not a folder")
-    checkpoint = utils.load_checkpoint(args.checkpoint, "--checkpoint", "pass a checkpoint written by train.py")
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint, "--checkpoint", "pass a checkpoint written by train.py")
     options = {} if args.score_thresh is None else {"box_score_thresh": args.score_thresh}
     # plain torchvision modules (no speed path): what scripting and tracing understand, and what users deploy
     model = models.model_from_checkpoint(checkpoint, **options).eval()

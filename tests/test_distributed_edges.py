@@ -16,7 +16,7 @@ import engine
 import models
 import train
 import utils
-from extras import compose, mixed_precision, val_loss
+from extras import compose, mixed_precision, preemption, val_loss
 
 CPU = torch.device("cpu")
 
@@ -94,7 +94,7 @@ def _resume_and_download(rank, out):
             os.remove("run/checkpoint.pth")
         dist.barrier()
         try:
-            outcomes.append(train.find_resume(args))
+            outcomes.append(preemption.latest_checkpoint(args.output_dir))
         except utils.SetupError as e:
             outcomes.append(f"error: {e}")
         dist.barrier()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import REPO, make_pennfudan
 
+import checkpoints
 import engine
 import train
 import utils
@@ -61,7 +62,7 @@ def test_full_disk_during_a_checkpoint_write_stops_with_the_fix(pennfudan_dir, t
     def disk_full(obj, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(utils, "atomic_save", disk_full)
+    monkeypatch.setattr(checkpoints, "atomic_save", disk_full)
     argv = ["--data-path", pennfudan_dir, "--output-dir", tmp_path, *TINY, "--epochs", "1"]
     with pytest.raises(utils.SetupError, match="(?s)No space left.*previous checkpoint.pth is intact.*--resume auto"):
         train.main(train.get_args_parser().parse_args([str(a) for a in argv]))

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import datasets
 import models
 import train
-import utils
 from extras import multiscale
 from extras.formats import custom
 from utils import SetupError
@@ -138,7 +138,7 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, content, says):
         path.write_text("not a checkpoint\n")
     fix = f"--load-from {path}" if content != "text" else "pass a checkpoint.pth written by train.py"
     with pytest.raises(SetupError, match=re.escape(says) + ".*" + re.escape(fix)) as e:
-        utils.load_checkpoint(path)
+        checkpoints.load_checkpoint(path)
     assert "\n" not in str(e.value)
 
 

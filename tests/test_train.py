@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import checkpoints
 import predict
 import train
 import utils
@@ -211,7 +212,7 @@ def test_load_from_a_checkpoint_with_other_classes(pennfudan_dir, tmp_path, caps
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
-    train.utils.atomic_save({"epoch": 1}, path)
+    checkpoints.atomic_save({"epoch": 1}, path)
     real_save = torch.save
 
     def disk_full(obj, f):
@@ -221,7 +222,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
-        train.utils.atomic_save({"epoch": 2}, path)
+        checkpoints.atomic_save({"epoch": 2}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temp file left behind
 
