@@ -241,20 +241,14 @@ def get_model(name, num_classes, weights="DEFAULT", weights_backbone=None, train
         weights, weights_backbone = None, weights_backbone or "DEFAULT"  # no COCO weights: ImageNet's backbone
     weights = resolve_weights(name, weights)
     layers = dict(trainable_backbone_layers=trainable_backbone_layers)
-    if isinstance(weights, str):  # a local file: the model as that file was built, then its weights
-        state = load_state_dict_file(weights)
-        return load_weights(build(name, num_classes, pretrained_layout(state), **layers, **kwargs), state, weights)
     if weights is None:
         return build(name, num_classes, weights_backbone=backbone_weights(name, weights_backbone), **layers, **kwargs)
-    sizes, ratios = kwargs.pop("anchor_sizes", None), kwargs.pop("anchor_ratios", None)
-    model = torchvision.models.get_model(name, weights=weights, **layers, **kwargs)  # COCO weights, then new heads
-    if sizes is not None or ratios is not None:
-        from extras import anchors
-
-        anchors.set_anchors(model, sizes, ratios)
-    model.model_args = dict(name=name, num_classes=num_classes, pretrained=True, **layers, **kwargs)
-    model.model_args.update({k: v for k, v in (("anchor_sizes", sizes), ("anchor_ratios", ratios)) if v is not None})
-    return replace_predictors(model, num_classes) if num_classes != len(weights.meta["categories"]) else model
+    # COCO weights (the file fetch_weights cached) or a local file: the model laid out as they were trained (frozen
+    # BatchNorm, early stages frozen), then their weights, with new predictors where the class count differs
+    local = isinstance(weights, str)
+    state = load_state_dict_file(weights) if local else weights.get_state_dict(progress=True)
+    model = build(name, num_classes, pretrained_layout(state) if local else True, **layers, **kwargs)
+    return load_weights(model, state, weights)
 
 
 def model_from_checkpoint(checkpoint, **options):

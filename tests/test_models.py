@@ -54,6 +54,26 @@ def test_local_coco_file_is_built_like_downloaded_weights(tmp_path):
     assert frozen  # like torchvision with COCO weights: only the last 3 backbone stages train
 
 
+@pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn_v2"])
+def test_coco_weights_from_the_hub_cache_load_like_a_local_file(name, tmp_path, monkeypatch):
+    """--weights DEFAULT without a download: the file torch's hub cache holds is loaded into the pretrained layout
+    (the v2 models keep trainable BatchNorm), with new predictors for another class count."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    coco = models.build(name, 91, pretrained=True)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    torch.save(coco.state_dict(), cached)
+    same = models.get_model(name, num_classes=91, weights="DEFAULT")
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), coco.state_dict().values()))
+    model = models.get_model(name, num_classes=3, weights="DEFAULT", min_size=64)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3 and model.transform.min_size == (64,)
+    assert model.model_args["pretrained"] and model.model_args["min_size"] == 64
+    trains = {n for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+    assert trains and trains != {n for n, _ in model.backbone.body.named_parameters()}  # early stages frozen
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == ("_v2" not in name)
+
+
 def test_checkpoint_of_this_project_reloads_with_its_classes(tmp_path):
     name = "fasterrcnn_mobilenet_v3_large_320_fpn"
     path, _ = _coco_like_file(tmp_path, name)
