@@ -105,16 +105,11 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
                     log_file=None, first_step=0, should_stop=None, max_nonfinite=0, accumulate=1,
                     after_step=None):  # fmt: skip
     """One pass over `data_loader`; the first epoch warms the lr up linearly from lr/1000 over <= 1000 steps.
-
-    Returns the epoch's mean of each loss (and of lr) and "steps": the batches of this epoch done so far. Every
-    `print_freq` steps the current values are also appended to the JSON-lines `log_file` (rank 0).
-    first_step: batches of this epoch done before a resume (the loader already skips them).
-    accumulate: batches whose gradients add up to one optimizer step (--accumulate); the warm-up counts those steps.
-    after_step(): called after each optimizer step (--ema's update).
-    should_stop(): checked after every optimizer step (a signal arrived); when true the epoch ends there.
-    A non-finite loss raises FloatingPointError naming the batch's image ids and every loss value; with
-    max_nonfinite > 0, that many such batches are skipped (not applied) first, each reported.
-    """
+    Returns the mean of each loss (and lr) and "steps", the batches of this epoch done; every `print_freq` steps the
+    values also go to the JSON-lines `log_file`. first_step: batches done before a resume (the loader skips them).
+    accumulate: batches per optimizer step; after_step() runs after each step (--ema), should_stop() ends the epoch
+    there when true (a signal). A non-finite loss raises FloatingPointError naming the images and every loss, after
+    `max_nonfinite` such batches have been skipped (each reported)."""
     model.train()
     metric_logger = utils.MetricLogger()
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
@@ -227,22 +222,15 @@ def coco_from_records(images, annotations, class_names):
 
 
 def per_class_ap(coco_eval, class_names):
-    """AP (IoU .50:.95) and AP50 per category, from COCOeval's precision array [T, R, K, areas, max_dets]."""
-    precision = coco_eval.eval["precision"]
+    """AP (IoU .50:.95) and AP50 per category, from COCOeval's precision array [T, R, K, areas, max_dets]; printed."""
+    precision = coco_eval.eval["precision"][..., 0, -1]  # area "all", 100 detections: [T, R, K], -1 where no objects
     table = {}
     for k, cat_id in enumerate(coco_eval.params.catIds):
-        all_iou, iou50 = precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]  # area "all", 100 detections
-        table[class_names[cat_id - 1]] = {
-            "AP": float(all_iou[all_iou > -1].mean()) if (all_iou > -1).any() else float("nan"),
-            "AP50": float(iou50[iou50 > -1].mean()) if (iou50 > -1).any() else float("nan"),
-        }
+        ap = [p[p > -1].mean() if (p > -1).any() else float("nan") for p in (precision[:, :, k], precision[0, :, k])]
+        table[class_names[cat_id - 1]] = {"AP": float(ap[0]), "AP50": float(ap[1])}
+    print(f"{coco_eval.params.iouType} AP per class:\n  {'class':<24} {'AP':>6} {'AP50':>6}")
+    print("\n".join(f"  {name:<24} {v['AP'] * 100:6.1f} {v['AP50'] * 100:6.1f}" for name, v in table.items()))
     return table
-
-
-def format_per_class(table, iou_type):
-    lines = [f"{iou_type} AP per class:", f"  {'class':<24} {'AP':>6} {'AP50':>6}"]
-    lines += [f"  {name:<24} {v['AP'] * 100:6.1f} {v['AP50'] * 100:6.1f}" for name, v in table.items()]
-    return "\n".join(lines)
 
 
 def gather_records(per_image, flags=()):
@@ -278,14 +266,11 @@ def load_results(coco_gt, images, results, class_names):
 
 @torch.inference_mode()
 def evaluate(model, data_loader, device, class_names=None, amp_dtype=None, print_freq=50, scorers=(), on_image=None):
-    """Run the model over `data_loader` and score it with pycocotools (bbox, plus segm for mask models).
-
-    Ground truth is built from the targets the loader yields, so any dataset that follows the contract works.
-    Under torchrun each rank evaluates its share; results are gathered and the duplicates that the sampler's
-    padding adds are dropped, so the numbers equal a single-process evaluation. Each of `scorers`, f(annotations,
-    detections, class_names) -> dict of more metrics, runs on rank 0 after COCOeval (voc_eval.score: VOC's mAP@0.5).
-    `on_image(image, target, output)` is called for every image (draw.ImageSaver saves them drawn). Returns
-    {"bbox": {"AP": .., "AP50": .., ...}, "bbox_per_class": {name: {"AP": .., "AP50": ..}}, ..., "detections": [...]}
+    """Run the model over `data_loader` and score it with pycocotools (bbox, plus segm / keypoints when predicted).
+    Ground truth comes from the loader's targets, so any dataset that follows the contract works. Each rank evaluates
+    its share; the sampler's padded duplicates are dropped, so the numbers equal one process's. `scorers`:
+    f(annotations, detections, class_names) -> more metrics, on rank 0. `on_image(image, target, output)` sees every
+    image. Returns {"bbox": {"AP": .., ...}, "bbox_per_class": {name: {"AP": .., "AP50": ..}}, .., "detections": []}
     """
     model.eval()
     metric_logger = utils.MetricLogger()
@@ -329,7 +314,6 @@ def _score(images, annotations, detections, flags, class_names, scorers):
         coco_eval.summarize()
         results[iou_type] = dict(zip(stat_names(iou_type), (float(s) for s in coco_eval.stats), strict=True))
         results[f"{iou_type}_per_class"] = per_class_ap(coco_eval, class_names)
-        print(format_per_class(results[f"{iou_type}_per_class"], iou_type))
     for scorer in scorers:
         results.update(scorer(annotations, detections, class_names))
     return results

@@ -1,12 +1,10 @@
 """Detection models: torchvision's Faster / Mask / Keypoint R-CNN with their heads resized for your classes.
 
-The fine-tuning recipe of the torchvision tutorial, as one function (`get_model`): build the model with its COCO
-weights (91 classes), then replace the box predictor (and the mask predictor) by fresh ones for `num_classes`.
-`num_classes` counts the background: a dataset with K classes needs num_classes = K + 1.
-`build` makes the same model with random weights, laid out as for pretrained ones when `pretrained` (frozen BatchNorm,
-early stages frozen): what a checkpoint or a local weights file is loaded into (`load_weights`);
-`model_from_checkpoint` rebuilds a train.py checkpoint's model from its model_args, `prepare_model` readies a model
-on its device. The composed detectors (COMPOSED) are built by extras/compose.py, an extra.
+The fine-tuning recipe of the torchvision tutorial is `get_model`: the model with its COCO weights (91 classes), its
+box and mask predictors replaced by fresh ones for `num_classes` (K classes + background: K + 1). `build` lays a model
+out as for pretrained weights (frozen BatchNorm, early stages frozen), `load_weights` fills it (COCO's, a local
+file's), `model_from_checkpoint` rebuilds a train.py checkpoint's model and `prepare_model` readies it on its device.
+The composed detectors (COMPOSED) are built by extras/compose.py, an extra.
 """
 
 import os

@@ -24,8 +24,7 @@ def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Fine-tune a torchvision detector on your data.", add_help=add_help)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="pennfudan", choices=sorted(datasets.DATASETS),
-                      help="dataset (default pennfudan)")
+    data.add_argument("--dataset", default="pennfudan", choices=sorted(datasets.DATASETS), help="(default pennfudan)")
     data.add_argument("--data-path", "--img-prefix", default=None,
                       help="dataset root; for pennfudan it defaults to data/PennFudanPed, downloaded when missing")
     data.add_argument("--train-ann", "--ann-file", default=None, help="training annotation file (coco, custom)")
@@ -40,29 +39,25 @@ def get_args_parser(add_help=True):
     data.add_argument("--strict", action="store_true",
                       help="stop on zero-size or outside boxes instead of dropping them (default off)")
     data.add_argument("--val-size", default=None, type=int,
-                      help="images held out for validation when the dataset has no official split "
-                           "(default 50 above 100 images, else 20%%)")
+                      help="images held out for validation without an official split (default 50 above 100, else 20%%)")
     data.add_argument("--split-seed", default=0, type=int, help="seed of that train/val split (default 0)")
     data.add_argument("--data-augmentation", default="hflip", choices=transforms.POLICIES,
                       help="training augmentation policy (default hflip, the tutorial's)")
     data.add_argument("-j", "--workers", default=2, type=int, help="data loading processes (default 2)")
     data.add_argument("--cache-images", action="store_true", help="keep every decoded image in memory (default off)")
     data.add_argument("--repeat-factor-thr", default=0.0, type=float,
-                      help="LVIS repeat-factor sampling: a class in a share f < T of the images is drawn sqrt(T/f) "
-                           "times as often, e.g. 0.1 (default 0: off)")
+                      help="LVIS repeat factors: a class in a share f < T of images drawn sqrt(T/f)x (default 0: off)")
     data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
                       help="batch images of similar aspect ratio, 2k+1 bins; -1 turns it off (default 3)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="maskrcnn_resnet50_fpn", choices=models.MODELS + models.COMPOSED,
                        help="detector (default maskrcnn_resnet50_fpn)")
-    model.add_argument("--backbone", default=None,
-                       help="for --model fasterrcnn/maskrcnn/retinanet/fcos: an ImageNet classifier of "
-                            "compose.BACKBONES, e.g. resnet18, mobilenet_v3_large, convnext_tiny (default resnet50)")
+    model.add_argument("--backbone", default=None, help="for --model fasterrcnn/maskrcnn/retinanet/fcos: an ImageNet "
+                       "classifier of compose.BACKBONES, e.g. resnet18, mobilenet_v3_large (default resnet50)")
     model.add_argument("--neck", default=None, help="with those models: none, fpn or pafpn (default fpn)")
-    model.add_argument("--anchor-sizes", default=None, type=int_list,
-                       help="anchor sizes in px at the model's input scale: one per feature map (5 with an FPN), or "
-                            "all of them on the one map of --neck none, e.g. 32,64,128,256,512 (default: the model's)")
+    model.add_argument("--anchor-sizes", default=None, type=int_list, help="anchor sizes in px: one per feature map "
+                       "(5 with an FPN), or all on --neck none's one map, e.g. 32,64,128,256,512 (default the model's)")
     model.add_argument("--anchor-ratios", default=None, type=lambda s: [float(v) for v in s.split(",")],
                        help="anchor aspect ratios h/w, on every map, e.g. 0.5,1,2 (default: the model's)")
     model.add_argument("--weights", default="DEFAULT",
@@ -92,24 +87,21 @@ def get_args_parser(add_help=True):
                        help="learning rate (default 0.005 x total batch / 2: the tutorial's, scaled linearly)")
     optim.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (default 0.9)")
     optim.add_argument("--weight-decay", "--wd", default=5e-4, type=float, help="weight decay (default 0.0005)")
-    optim.add_argument("--lr-scheduler", default="step", choices=("step", "multistep", "cosine"),
-                       help="lr schedule over epochs (default step)")
+    optim.add_argument("--lr-scheduler", default="step", choices=("step", "multistep", "cosine"), help="(default step)")
     optim.add_argument("--lr-step-size", default=3, type=int, help="epochs between lr drops for step (default 3)")
-    optim.add_argument("--lr-steps", default=[8, 11], nargs="+", type=int,
-                       help="epochs of the multistep drops (default 8 11)")
+    optim.add_argument("--lr-steps", default=[8, 11], nargs="+", type=int, help="multistep drops (default 8 11)")
     optim.add_argument("--lr-gamma", default=0.1, type=float, help="lr factor at each drop (default 0.1)")
     optim.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction,
                        help="mixed precision (default on for CUDA; on CPU faster but it cost AP: README, Speed)")
     optim.add_argument("--amp-dtype", default=None, choices=("bf16", "fp16"),
                        help="autocast dtype, turns --amp on (default bf16 on CPU, fp16 with loss scaling on CUDA)")
     optim.add_argument("--accumulate", default=1, type=int,
-                       help="batches per optimizer step: an N times larger batch in the same memory (default 1)")
+                       help="batches whose gradients add up to one optimizer step: N times the batch (default 1)")
     optim.add_argument("--ema", default=0.0, type=float,
                        help="evaluate and save a moving average of the weights, decay e.g. 0.9998 (default 0: off)")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                     help="cuda or cpu (default cuda when available)")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default cuda if any)")
     run.add_argument("--output-dir", default="work_dirs/run", help="where the run writes (default work_dirs/run)")
     run.add_argument("--resume", default=None,
                      help="checkpoint to continue from, or auto (output-dir's checkpoint.pth if present)")
@@ -119,14 +111,12 @@ def get_args_parser(add_help=True):
                      help="skip up to N steps per epoch with a NaN/inf loss instead of stopping (default 0)")
     run.add_argument("--save-interval", default=1, type=int, help="keep model_{epoch}.pth every N epochs (default 1)")
     run.add_argument("--eval-batch-size", default=1, type=int, help="images per evaluation step (default 1)")
-    run.add_argument("--eval-interval", default=1, type=int,
-                     help="validate every N epochs and after the last (default 1)")
+    run.add_argument("--eval-interval", default=1, type=int, help="validate every N epochs and at the end (default 1)")
     run.add_argument("--patience", default=0, type=int,
                      help="stop when the validation AP has not improved for N evaluations (default 0: never)")
     run.add_argument("--test-only", action="store_true", help="evaluate (the --resume checkpoint) and exit")
-    run.add_argument("--eval", default=["bbox"], nargs="+", choices=("bbox", "proposal"),
-                     help="bbox: COCO AP (and segm/keypoints AP for models that predict them); proposal: the RPN's "
-                          "average recall AR@100/300/1000, to tune anchors (default bbox)")
+    run.add_argument("--eval", default=["bbox"], nargs="+", choices=("bbox", "proposal"), help="bbox: COCO AP (and "
+                     "segm/keypoints AP where predicted); proposal: the RPN's AR@100/300/1000 (default bbox)")
     run.add_argument("--confusion-thresh", default=0.25, type=float,
                      help="score above which a detection counts in the confusion matrix (default 0.25)")
     run.add_argument("--tta", default="none", choices=("none", "hflip"),
@@ -135,12 +125,10 @@ def get_args_parser(add_help=True):
                      help="test-time shorter sides, e.g. 640,800,1000 px (default: the model's one)")
     run.add_argument("--tta-merge", default="nms", choices=("nms", "vote"),
                      help="merge the views' boxes by per-class NMS or score-weighted voting (default nms)")
-    run.add_argument("--tile", default=0, type=int,
-                     help="with --test-only: run the model on overlapping tiles of this many px, for large images "
-                          "with small objects (default 0: whole images)")
+    run.add_argument("--tile", default=0, type=int, help="with --test-only: the model on overlapping tiles of this "
+                     "many px, for small objects in large images (default 0: whole images)")
     run.add_argument("--tile-overlap", default=0.2, type=float, help="share of a tile its neighbours see (default 0.2)")
-    run.add_argument("--tile-merge", default="nms", choices=("nms", "vote"),
-                     help="merge the tiles' boxes by NMS or voting (default nms)")
+    run.add_argument("--tile-merge", default="nms", choices=("nms", "vote"), help="merge tiles' boxes (default nms)")
     run.add_argument("--tile-full-image", action="store_true", help="with --tile: also run whole images (default off)")
     run.add_argument("--show-dir", default=None, help="with --test-only: write drawn predictions here (default none)")
     run.add_argument("--val-loss", default=True, action=argparse.BooleanOptionalAction,

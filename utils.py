@@ -20,10 +20,7 @@ class SmoothedValue:
     """Tracks a series of values: the median/average of a recent window and the global average."""
 
     def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
-        self.deque = deque(maxlen=window_size)
-        self.total = 0.0
-        self.count = 0
-        self.fmt = fmt
+        self.deque, self.total, self.count, self.fmt = deque(maxlen=window_size), 0.0, 0, fmt
 
     def update(self, value, n=1):
         self.deque.append(value)
@@ -59,9 +56,8 @@ class SmoothedValue:
         return self.deque[-1] if self.deque else 0.0
 
     def __str__(self):
-        return self.fmt.format(
-            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
-        )
+        stats = dict(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value)
+        return self.fmt.format(**stats)
 
 
 class MetricLogger:
@@ -79,11 +75,6 @@ class MetricLogger:
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
-
-    def __getattr__(self, name):
-        if name in self.__dict__.get("meters", {}):
-            return self.meters[name]
-        raise AttributeError(f"'MetricLogger' object has no attribute '{name}'")
 
     def __str__(self):
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
@@ -213,15 +204,10 @@ def local_main_first(local_rank):
 
 
 def init_distributed_mode(device="cuda", dist_url="env://"):
-    """Join the process group that torchrun or srun set up; returns (distributed, rank, world_size, local_rank).
-
-    torchrun exports RANK, WORLD_SIZE and LOCAL_RANK. Inside an srun step (SLURM_STEP_ID set) SLURM exports
-    SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID; MASTER_ADDR is the step's first node and MASTER_PORT comes
-    from the job id, so one train.py runs under both. A plain `python train.py` in an sbatch script with several
-    tasks is not in a step: it runs as one process instead of waiting for peers that never start. The backend is
-    nccl for CUDA (GPU: the local rank modulo the visible GPUs, so one GPU per task works) and gloo for CPU.
-    Started as plain `python train.py`, this is a no-op.
-    """
+    """Join the process group that torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or an srun step (extras/slurm.py) set up;
+    returns (distributed, rank, world_size, local_rank). A plain `python train.py` runs as one process, also inside
+    an sbatch script of several tasks (not a step: its peers never start). The backend is nccl for CUDA (the local
+    rank's GPU, modulo the visible ones) and gloo for CPU."""
     env = os.environ
     torchrun = "RANK" in env and "WORLD_SIZE" in env
     if not torchrun and "SLURM_STEP_ID" in env and int(env.get("SLURM_STEP_NUM_TASKS", 1)) > 1:

@@ -58,22 +58,19 @@ def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=Non
 
 
 def get_voc(root, train_transforms, val_transforms, **options):
-    """Pascal VOC XML (extras/formats/voc.py, an extra: imported when --dataset voc asks for it)."""
-    from extras.formats import voc
+    from extras.formats import voc  # Pascal VOC XML: an extra, imported when --dataset voc asks for it
 
     return voc.get_voc(root, train_transforms, val_transforms, **options)
 
 
 def get_custom(root, train_transforms, val_transforms, **options):
-    """mmdetection's list of dicts (extras/formats/custom.py, an extra)."""
-    from extras.formats import custom
+    from extras.formats import custom  # mmdetection's list of dicts, an extra
 
     return custom.get_custom(root, train_transforms, val_transforms, **options)
 
 
 def get_yolo(root, train_transforms, val_transforms, **options):
-    """YOLO txt labels and a data.yaml, as Ultralytics and Roboflow write them (extras/formats/yolo.py, an extra)."""
-    from extras.formats import yolo
+    from extras.formats import yolo  # YOLO txt labels + data.yaml (Ultralytics, Roboflow), an extra
 
     return yolo.get_yolo(root, train_transforms, val_transforms, **options)
 

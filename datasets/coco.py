@@ -85,8 +85,10 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         self.masks = masks
         categories, images, anns_per_image = read_coco(self.ann_file)
-        self.categories = categories  # as in the file, sorted by id; keep_categories may leave some out
-        self.keep_categories([c["id"] for c in categories])
+        self.categories = categories  # as in the file, sorted by id: labels 1..K follow that order
+        self.classes = [c["name"] for c in categories]
+        self.label_to_category_id = {k: c["id"] for k, c in enumerate(categories, start=1)}
+        self.category_id_to_label = {cid: k for k, cid in self.label_to_category_id.items()}
         annotations = [ann for anns in anns_per_image.values() for ann in anns]
         # objects (not crowd regions) per category id: what extras/tool_exports.py and the no-objects warning read
         self.objects_per_category = Counter(a["category_id"] for a in annotations if not a.get("iscrowd", 0))
@@ -117,17 +119,6 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"  The image folder must be the one file_name is relative to."
             )
         checker.warn()
-
-    def keep_categories(self, category_ids):
-        """Train on these categories only: labels 1..K follow their sorted ids; annotations of the others go."""
-        kept = [c for c in self.categories if c["id"] in set(category_ids)]
-        self.classes = [c["name"] for c in kept]
-        self.label_to_category_id = {k: c["id"] for k, c in enumerate(kept, start=1)}
-        self.category_id_to_label = {cid: k for k, cid in self.label_to_category_id.items()}
-        for record in getattr(self, "images", []):
-            keep = [a["category_id"] in self.category_id_to_label for a in record["anns"]]
-            record["anns"] = [a for a, k in zip(record["anns"], keep) if k]
-            record["boxes"] = record["boxes"][torch.tensor(keep, dtype=torch.bool)]
 
     def __len__(self):
         return len(self.images)

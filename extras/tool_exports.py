@@ -8,6 +8,8 @@ with no training object goes unnoticed.
 
 import warnings
 
+import torch
+
 BACKGROUND_NAMES = ("_background_", "background", "__background__")  # labelme's COCO export has _background_ as id 0
 
 
@@ -34,8 +36,21 @@ def drop_placeholder_categories(train, val):
         ]
         print(f"Note: not a class, left out: {', '.join(dropped)}")
         kept = [c["id"] for c in categories if c["id"] not in placeholders]
-        train.keep_categories(kept)
-        val.keep_categories(kept)
+        for dataset in (train, val):
+            keep_categories(dataset, kept)
+
+
+def keep_categories(dataset, category_ids):
+    """Train a CocoDetection set on these categories only: labels 1..K follow their sorted ids; annotations of the
+    others go."""
+    kept = [c for c in dataset.categories if c["id"] in set(category_ids)]
+    dataset.classes = [c["name"] for c in kept]
+    dataset.label_to_category_id = {k: c["id"] for k, c in enumerate(kept, start=1)}
+    dataset.category_id_to_label = {cid: k for k, cid in dataset.label_to_category_id.items()}
+    for record in dataset.images:
+        keep = [a["category_id"] in dataset.category_id_to_label for a in record["anns"]]
+        record["anns"] = [a for a, k in zip(record["anns"], keep) if k]
+        record["boxes"] = record["boxes"][torch.tensor(keep, dtype=torch.bool)]
 
 
 def check_categories(train, val):
