@@ -2,6 +2,7 @@
 written atomically by rank 0 and loaded on the CPU with weights_only=True, so a file cannot run code.
 """
 
+import contextlib
 import os
 
 import torch
@@ -27,12 +28,9 @@ def atomic_save(obj, path):
             os.remove(tmp)
         raise
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(dir_fd)
+    with contextlib.suppress(OSError):  # some filesystems refuse fsync on a directory; the rename is atomic anyway
+        os.fsync(dir_fd)  # makes the rename itself durable
+    os.close(dir_fd)
 
 
 def save_on_master(obj, path):

@@ -181,15 +181,14 @@ def build(name, num_classes, pretrained=False, trainable_backbone_layers=None, w
     model_args = dict(name=name, num_classes=num_classes, pretrained=pretrained, **kwargs)
     model_args["trainable_backbone_layers"] = trainable_backbone_layers
     sizes, ratios = kwargs.pop("anchor_sizes", None), kwargs.pop("anchor_ratios", None)
+    builder = dict(weights=None, weights_backbone=weights_backbone, num_classes=num_classes)
     if name == "fasterrcnn_mobilenet_v2":
         model = fasterrcnn_mobilenet_v2(num_classes, weights_backbone, pretrained, **kwargs)
     elif weights_backbone is not None:  # torchvision lays the model out for pretrained weights itself
-        layers = dict(trainable_backbone_layers=trainable_backbone_layers, num_classes=num_classes)
-        model = torchvision.models.get_model(name, weights=None, weights_backbone=weights_backbone, **layers, **kwargs)
+        layers = trainable_backbone_layers
+        model = torchvision.models.get_model(name, **builder, trainable_backbone_layers=layers, **kwargs)
     else:
-        model = torchvision.models.get_model(
-            name, weights=None, weights_backbone=None, num_classes=num_classes, **kwargs
-        )
+        model = torchvision.models.get_model(name, **builder, **kwargs)
         layers = 3 if trainable_backbone_layers is None else trainable_backbone_layers
         if pretrained and not 0 <= layers <= (6 if "mobilenet" in name else 5):
             raise ValueError(f"trainable_backbone_layers must be 0 to {6 if 'mobilenet' in name else 5}, not {layers}")

@@ -197,10 +197,8 @@ def main(args):
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # frozen BatchNorm layers are left alone
             model_without_ddp = model
             if world_size > 1:
-                model = torch.nn.parallel.DistributedDataParallel(
-                    model, device_ids=None if device.index is None else [device.index]
-                )
-                model_without_ddp = model.module
+                device_ids = None if device.index is None else [device.index]  # None on CPU (gloo)
+                model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
             optimizer = get_optimizer(args, model_without_ddp)
             lr_scheduler = get_lr_scheduler(args, optimizer)
