@@ -11,10 +11,8 @@ from utils import SetupError, is_main_process
 
 
 def atomic_save(obj, path):
-    """torch.save that never leaves a half-written file: write a temp file, fsync, then rename over `path`.
-
-    A kill or a full disk at any moment leaves the previous file at `path` intact and loadable.
-    """
+    """torch.save that never leaves a half-written file: write a temp file, fsync, then rename over `path`. A kill
+    or a full disk at any moment leaves the previous file at `path` intact and loadable."""
     path = os.fspath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:

@@ -260,9 +260,8 @@ def train_epochs(run):
         images += (train_stats["steps"] - first_step) * args.batch_size * run.world_size
         first_step, train_seconds = 0, train_seconds + time.time() - epoch_start
         if train_stats["steps"] < steps_in_epoch:  # a signal arrived: save where we are and leave
-            checkpoints.save_checkpoint(
-                checkpoints.checkpoint_state(run, epoch, train_stats["steps"]), args.output_dir, "checkpoint.pth"
-            )
+            state = checkpoints.checkpoint_state(run, epoch, train_stats["steps"])
+            checkpoints.save_checkpoint(state, args.output_dir, "checkpoint.pth")
             print(f"Stopped at epoch {epoch}, step {train_stats['steps']} of {steps_in_epoch}: "
                   f"{args.output_dir}/checkpoint.pth saved; continue with --resume auto")  # fmt: skip
             return {}

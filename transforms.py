@@ -52,12 +52,9 @@ def _finish(train):
 
 
 def get_transform(train, policy="hflip", hflip_prob=0.5, lsj_size=1024):
-    """The transform applied to (image, target) pairs; `train=False` only converts the image to float.
-
-    Policies: hflip (the tutorial's), photometric (hflip + colour jitter), multiscale (hflip here, sizes in
-    the model's resize: extras/multiscale.py), lsj (large-scale jitter: resize by 0.1-2.0x of lsj_size, then crop/pad
-    to lsj_size x lsj_size, + hflip).
-    """
+    """The transform applied to (image, target) pairs; `train=False` only converts the image to float. Policies:
+    hflip (the tutorial's), photometric (hflip + colour jitter), multiscale (hflip here, sizes in the model's resize:
+    extras/multiscale.py), lsj (large-scale jitter: resize by 0.1-2.0x of lsj_size, crop/pad to its square, hflip)."""
     if not train:
         return T.Compose(_finish(train=False))
     if policy not in POLICIES:

@@ -4,10 +4,12 @@ Every distributed helper is harmless in a single process: `get_world_size()` is 
 returns its input and `all_gather` returns a one-element list.
 """
 
+import builtins
 import contextlib
 import datetime
 import os
 import random
+import sys
 import time
 from collections import defaultdict, deque
 
@@ -252,12 +254,8 @@ class SetupError(Exception):
 
 
 def cli(main, parser):
-    """Run a script's main(args): a SetupError becomes one "error: ..." line and exit code 2, never a traceback.
-
-    An int returned by main is the exit code (a checker's 1 for "problems found"); anything else means success.
-    """
-    import sys
-
+    """Run a script's main(args): a SetupError becomes one "error: ..." line and exit code 2, never a traceback. An
+    int returned by main is the exit code (a checker's 1 for "problems found"); anything else means success."""
     try:
         code = main(parser.parse_args())
     except SetupError as e:
@@ -269,11 +267,7 @@ def cli(main, parser):
 
 def setup_logging(is_master, log_file=None):
     """Only rank 0 prints (others only with print(..., force=True)); rank 0 also appends what it prints to `log_file`.
-
-    Returns a function that puts the original print back (tests call main() many times in one process).
-    """
-    import builtins
-
+    Returns a function that puts the original print back (tests call main() many times in one process)."""
     builtin_print = builtins.print
     log = open(log_file, "a", buffering=1) if is_master and log_file else None
 

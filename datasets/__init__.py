@@ -37,18 +37,14 @@ def get_pennfudan(root, train_transforms, val_transforms, val_size=None, split_s
 
 def get_coco(root, train_transforms, val_transforms, train_ann=None, val_ann=None, train_images=None,
              val_images=None, masks=False, keep_empty=True, strict=False):  # fmt: skip
-    """COCO json: ROOT/{train,val}2017/ and ROOT/annotations/instances_{train,val}2017.json unless given.
-
-    strict (all builders but Penn-Fudan): refuse zero-size or outside boxes instead of dropping them with a warning.
-    """
-    root = Path(root or ".")  # no root: --train-ann, --val-ann, --train-images and --val-images say it all
-    ann_dir, options = root / "annotations", dict(masks=masks, strict=strict)
-    train_ann = train_ann or ann_dir / "instances_train2017.json"
-    val_ann = val_ann or ann_dir / "instances_val2017.json"
-    train = CocoDetection(
-        train_images or root / "train2017", train_ann, train_transforms, keep_empty=keep_empty, **options
-    )
-    val = CocoDetection(val_images or root / "val2017", val_ann, val_transforms, **options)
+    """COCO json: ROOT/{train,val}2017/ and ROOT/annotations/instances_{train,val}2017.json unless given. strict (all
+    builders but Penn-Fudan's): refuse zero-size or outside boxes instead of dropping them with a warning."""
+    root, options = Path(root or "."), dict(masks=masks, strict=strict)  # no root: the four paths say it all
+    train_ann = train_ann or root / "annotations" / "instances_train2017.json"
+    val_ann = val_ann or root / "annotations" / "instances_val2017.json"
+    train_images, val_images = train_images or root / "train2017", val_images or root / "val2017"
+    train = CocoDetection(train_images, train_ann, train_transforms, keep_empty=keep_empty, **options)
+    val = CocoDetection(val_images, val_ann, val_transforms, **options)  # every image, also those without objects
     if train.categories != val.categories:
         raise SetupError(f"train and val annotation files list different categories: {train.classes} vs {val.classes}")
     from extras import tool_exports  # placeholder categories that tools write; classes without objects

@@ -8,7 +8,6 @@ Layout:
                               "categories":  [{"id", "name"}, ...]}
 Category ids may have gaps (COCO's 80 classes use ids 1..90) or include 0 (not background in many exports): the
 sorted ids become the contiguous labels 1..K the models need, and `label_to_category_id` maps them back.
-
 """
 
 from collections import Counter
@@ -73,11 +72,9 @@ def read_coco(ann_file):
 
 class CocoDetection(torch.utils.data.Dataset):
     """Items are (image, target) following the contract in datasets/__init__.py; image_id is the COCO image id.
-
-    masks=True adds `masks` decoded from the polygons / RLEs; person-keypoint files add `keypoints` [N, J, 3]
-    (a plain tensor). iscrowd regions stay in the target with iscrowd=1: training drops them, evaluation ignores
-    them. keep_empty=False drops images without any (valid) box; by default they stay, as negatives.
-    """
+    masks=True adds `masks` decoded from the polygons / RLEs; person-keypoint files add `keypoints` [N, J, 3] (a plain
+    tensor). iscrowd regions stay with iscrowd=1: training drops them, evaluation ignores them. keep_empty=False drops
+    images without any (valid) box; by default they stay, as negatives."""
 
     def __init__(self, img_folder, ann_file, transforms=None, masks=False, keep_empty=True, strict=False):
         self.img_folder = Path(img_folder)

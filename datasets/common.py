@@ -97,10 +97,8 @@ class Subset(torch.utils.data.Subset):
 
 
 def random_split(num_items, val_size, seed=0):
-    """Seeded, deterministic (train_indices, val_indices) for datasets that come without an official split.
-
-    The same (num_items, val_size, seed) always gives the same split, on any machine and in every process.
-    """
+    """Seeded (train_indices, val_indices) for datasets without an official split: the same (num_items, val_size,
+    seed) always gives the same split, on any machine and in every process."""
     if not 0 < val_size < num_items:
         raise ValueError(f"val_size must be between 1 and {num_items - 1} for {num_items} images, got {val_size}")
     order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()

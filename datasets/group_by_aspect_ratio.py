@@ -22,11 +22,8 @@ def aspect_ratio_groups(dataset, factor=3):
 
 class GroupedBatchSampler(torch.utils.data.BatchSampler):
     """Wraps a sampler: yields batches whose images share a group, in the sampler's order as far as possible.
-
-    Indices left in half-full groups at the end of the epoch are batched together (mixed groups), so every image is
-    used once per epoch; the last incomplete batch is dropped, giving exactly len(sampler) // batch_size batches
-    (every rank of a distributed run gets the same number).
-    """
+    Indices left in half-full groups at the end are batched together (mixed groups), so every image is used once per
+    epoch; the last incomplete batch is dropped: len(sampler) // batch_size batches, the same on every rank."""
 
     def __init__(self, sampler, group_ids, batch_size):
         super().__init__(sampler, batch_size, drop_last=True)

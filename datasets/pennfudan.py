@@ -37,8 +37,7 @@ def download_pennfudan(root):
     """Fetch the official zip (with a progress bar), unpack it to `root` and verify the unpacked files."""
     from torchvision.datasets.utils import download_and_extract_archive
 
-    root = Path(root)
-    parent = root.parent
+    root, parent = Path(root), Path(root).parent
     parent.mkdir(parents=True, exist_ok=True)
     try:
         download_and_extract_archive(URL, download_root=parent, remove_finished=True)
@@ -57,9 +56,7 @@ def download_pennfudan(root):
 
 class PennFudanDataset(torch.utils.data.Dataset):
     """Items are (image, target) following the contract in datasets/__init__.py; every object is class 1, person.
-
-    `transforms(image, target)` runs last; `image_id` is the index in the sorted file list, stable across runs.
-    """
+    `transforms(image, target)` runs last; `image_id` is the index in the sorted file list, stable across runs."""
 
     def __init__(self, root, transforms=None, download=False):
         self.root = Path(root)
