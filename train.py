@@ -102,7 +102,7 @@ def get_loaders(args, train_set, val_set, class_names, world_size, rank):
     val_sampler = val_sampler if world_size > 1 else torch.utils.data.SequentialSampler(val_set)
     common = dict(num_workers=args.workers, collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"))
     common["worker_init_fn"] = preemption.ignore_stop_signals  # a signal to the process group must reach main only
-    # Its own generator (reseeded per epoch) seeds the workers, so starting an epoch draws nothing from torch's global
+    # Its own generator (reseeded per epoch) seeds the workers, so an epoch's start draws nothing from torch's global
     # random stream: a mid-epoch resume restores that stream and continues it exactly.
     batches = preemption.ResumableBatches(batches)  # skips the steps done before a mid-epoch stop
     train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches, generator=torch.Generator(), **common)
@@ -298,9 +298,8 @@ def end_of_epoch(run, epoch):
     (every --save-interval epochs) and best.pth (best bbox AP, or proposal recall); returns (metrics, val_loss)."""
     args, metrics, val_loss, last = run.args, {}, {}, epoch + 1 == run.args.epochs
     if (epoch + 1) % args.eval_interval == 0 or last:
-        metrics = run_evaluation(
-            run, last, os.path.join(args.output_dir, "val_images") if last and run.rank == 0 else None
-        )
+        show_dir = os.path.join(args.output_dir, "val_images") if last and run.rank == 0 else None  # for report.md
+        metrics = run_evaluation(run, last, show_dir)
         if args.val_loss:
             from extras import val_loss as validation  # the training losses on the validation set
 
