@@ -308,10 +308,6 @@ def end_of_epoch(run, epoch):
     ap = metrics.get("bbox", {}).get("AP", metrics.get("proposal", {}).get("AR@1000", -1.0))
     is_best, run.best_ap = ap > run.best_ap, max(run.best_ap, ap)
     run.best_epoch = epoch if is_best else run.best_epoch
-    if metrics:
-        from extras import error_analysis
-
-        run.score_thresh = error_analysis.recommended_threshold(metrics)
     checkpoints.save_epoch(run, epoch, is_best)
     return metrics, val_loss
 
@@ -344,6 +340,7 @@ def run_evaluation(run, final, show_dir=None):
 
         views = dict(hflip=args.tta == "hflip", scales=args.tta_scales, merge=args.tta_merge)
         tta.evaluate_with_tta(evaluated_model(run), val_loader, device, metrics, **views, **options)
+    run.score_thresh = error_analysis.recommended_threshold(metrics)  # saved: predict.py's default --score-thresh
     if final and args.out:
         from extras import results_json  # the detections as a COCO results json
 
