@@ -85,9 +85,14 @@ def get_checkpoint(args):
     return checkpoint
 
 
+def evaluated_model(run, ddp=False):
+    """What is evaluated and saved: the --ema average, else the model (wrapped in DDP with `ddp`)."""
+    return run.ema.module if run.ema is not None else run.model if ddp else run.model_without_ddp
+
+
 def checkpoint_state(run, epoch, step=None):
     """A checkpoint: plain values only, so it loads with weights_only=True; `step` of a stopped epoch."""
-    model = run.model_without_ddp if run.ema is None else run.ema.module  # --ema: the average is "model"
+    model = evaluated_model(run)  # --ema: the average is "model"
     state = {
         "model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "lr_scheduler": run.lr_scheduler.state_dict(), "scaler": run.scaler and run.scaler.state_dict(),

@@ -23,6 +23,7 @@ import datasets
 import models
 import transforms
 import utils
+from checkpoints import evaluated_model
 from datasets.group_by_aspect_ratio import GroupedBatchSampler, aspect_ratio_groups
 from engine import evaluate, train_one_epoch
 from extras import preemption
@@ -226,11 +227,6 @@ def main(args):
                     run.model = tiling.TiledDetector(model_without_ddp, args.tile, args.tile_overlap, **tiles).eval()
                 return run_evaluation(run, final=True, show_dir=args.show_dir)
             return train_epochs(run)
-
-
-def evaluated_model(run, ddp=False):
-    """What is evaluated and saved: the --ema average, else the model (wrapped in DDP with `ddp`)."""
-    return run.ema.module if run.ema is not None else run.model if ddp else run.model_without_ddp
 
 
 def train_epochs(run):
